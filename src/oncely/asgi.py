@@ -1,0 +1,383 @@
+"""Pure ASGI middleware (SPEC §3, §4). It moves bytes; `oncely.core` decides.
+
+app.add_middleware(IdempotencyMiddleware, store=SQLiteStore("oncely.db"))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from oncely.core import problems
+from oncely.core.decisions import ClaimResult, Existing, Outcome, decide
+from oncely.core.exchange import (
+    Guard,
+    PassThrough,
+    Reject,
+    ResponseCapture,
+    admit,
+    failure_response,
+    fingerprint_of,
+    new_token,
+    replay_headers,
+)
+from oncely.core.policy import IdempotencyPolicy, RouteOptions
+from oncely.core.problems import Problem
+from oncely.core.records import StoredResponse
+from oncely.markers import marker_of
+from oncely.stores.base import AsyncStore, StoreError
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+logger = logging.getLogger("oncely")
+
+# The app-side tenant: an outer auth middleware may set scope["oncely.scope"] = "<tenant>".
+SCOPE_KEY = "oncely.scope"
+# Server extensions whose responses bypass http.response.body, so cannot be captured.
+_UNCAPTURABLE_EXTENSIONS = ("http.response.pathsend", "http.response.zerocopysend")
+
+
+class IdempotencyMiddleware:
+    """Runs each (tenant, Idempotency-Key) once; later requests get the first response.
+
+    `store` is any `oncely.stores` store (or a store URL). Policy fields can be given
+    as `policy=IdempotencyPolicy(...)` and/or as keywords, e.g. `mismatch_status=409`.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        store: AsyncStore | str,
+        policy: IdempotencyPolicy | None = None,
+        **options: Any,
+    ) -> None:
+        if isinstance(store, str):
+            from oncely.stores.urls import store_from_url
+
+            store = store_from_url(store)
+        self.app = app
+        self.store = store
+        base = policy or IdempotencyPolicy()
+        self.policy = base.replace(**options) if options else base
+        self._marked_routes: list[tuple[Any, RouteOptions]] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in self.policy.methods:
+            await self.app(scope, receive, send)
+            return
+        policy = self.policy
+        admission = admit(
+            policy,
+            scope["method"],
+            scope["path"],
+            scope["headers"],
+            route=self._route_options(scope),
+            environment=scope,
+            app_scope=scope.get(SCOPE_KEY),
+        )
+        if isinstance(admission, PassThrough):
+            await self.app(scope, receive, send)
+        elif isinstance(admission, Reject):
+            await send_problem(send, admission.problem, policy, admission.key)
+        else:
+            await self._guard(admission, scope, receive, send)
+
+    # route selection -----------------------------------------------------------------
+
+    def _route_options(self, scope: Scope) -> RouteOptions:
+        by_path = self.policy.route_options(scope["path"])
+        if self._marked_routes is None:
+            self._marked_routes = _find_marked_routes(self.app)
+        if not self._marked_routes:
+            return by_path
+        from starlette.routing import Match
+
+        for route, options in self._marked_routes:
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                required = options.require_key
+                return RouteOptions(
+                    enabled=options.enabled,
+                    require_key=by_path.require_key if required is None else required,
+                )
+        return by_path
+
+    # the guarded path ----------------------------------------------------------------
+
+    async def _guard(self, guard: Guard, scope: Scope, receive: Receive, send: Send) -> None:
+        policy = self.policy
+        body = await read_body(receive, policy.max_request_body)
+        if body is None:
+            await send_problem(send, problems.body_too_large(policy), policy, guard.key)
+            return
+        if isinstance(body, Disconnected):
+            return  # the client left before sending its request: nothing to do
+        fingerprint = fingerprint_of(
+            policy, guard, scope["method"], scope["path"], scope["query_string"], body
+        )
+        try:
+            token, result = await self._claim(guard, fingerprint)
+            outcome = decide(result, fingerprint)
+            if outcome is Outcome.IN_PROGRESS and policy.wait_for_in_flight > 0:
+                token, result, outcome = await self._wait_for_in_flight(guard, fingerprint)
+        except StoreError as error:
+            logger.error("oncely store %s failed at claim: %s", self.store.name, error)
+            if policy.fail_open:
+                await self.app(scope, replaying_receive(body, receive), send)
+            else:
+                await send_problem(send, problems.store_unavailable(policy), policy, guard.key)
+            return
+
+        if outcome is Outcome.EXECUTE or outcome is Outcome.TAKE_OVER:
+            await self._execute(guard, token, scope, body, receive, send)
+            return
+        stored = result.record.response if isinstance(result, Existing) else None
+        if outcome is Outcome.REPLAY and stored is not None:
+            await send_replay(send, stored)
+            return
+        if outcome is Outcome.IN_PROGRESS:
+            problem = problems.in_progress(policy, policy.in_flight_retry_after)
+        elif outcome is Outcome.NOT_REPLAYABLE and stored is not None:
+            problem = problems.not_replayable(policy, stored.status)
+        else:
+            problem = problems.mismatch(policy)
+        await send_problem(send, problem, policy, guard.key)
+
+    async def _claim(self, guard: Guard, fingerprint: str) -> tuple[str, ClaimResult]:
+        token = new_token()
+        result = await self.store.claim(
+            guard.scope,
+            guard.key,
+            fingerprint,
+            token,
+            lease=self.policy.lease,
+            retention=self.policy.retention,
+        )
+        return token, result
+
+    async def _wait_for_in_flight(
+        self, guard: Guard, fingerprint: str
+    ) -> tuple[str, ClaimResult, Outcome]:
+        """Wait (bounded) for the holder to finish, then claim again: replay or run."""
+        deadline = time.monotonic() + self.policy.wait_for_in_flight
+        while True:
+            remaining = deadline - time.monotonic()
+            await self.store.wait(guard.scope, guard.key, max(remaining, 0.0))
+            token, result = await self._claim(guard, fingerprint)
+            outcome = decide(result, fingerprint)
+            if outcome is not Outcome.IN_PROGRESS or deadline - time.monotonic() <= 0:
+                return token, result, outcome
+
+    async def _execute(
+        self, guard: Guard, token: str, scope: Scope, body: bytes, receive: Receive, send: Send
+    ) -> None:
+        store, policy = self.store, self.policy
+        capture = ResponseCapture(policy)
+        lease = LeaseKeeper(store, guard, token, policy.lease)
+        settled = False
+
+        async def settle(response: StoredResponse | None) -> None:
+            """Complete (or release, when `response` is None) before the last byte leaves."""
+            nonlocal settled
+            settled = True
+            lease.stop()
+            try:
+                if response is None:
+                    await store.release(guard.scope, guard.key, token)
+                elif not await store.complete(guard.scope, guard.key, token, response):
+                    logger.warning(
+                        "oncely: lease lost before completion; the record was taken over "
+                        "(key hash %s)", _key_hash(guard.key),
+                    )  # fmt: skip
+            except StoreError as error:
+                logger.error(
+                    "oncely store %s failed at completion; the claim lapses with its lease: %s",
+                    store.name, error,
+                )  # fmt: skip
+
+        async def capturing_send(message: Message) -> None:
+            kind = message["type"]
+            if kind == "http.response.start":
+                capture.start(message["status"], message.get("headers", ()))
+            elif kind == "http.response.body":
+                capture.body(message.get("body", b""))
+                if not message.get("more_body", False) and not settled:
+                    await settle(capture.stored_response() if capture.should_store() else None)
+            await send(message)
+
+        lease.start()
+        try:
+            await self.app(_capturable(scope), replaying_receive(body, receive), capturing_send)
+        except Exception:
+            if not settled:
+                failure = failure_response(policy)
+                await settle(failure if policy.on_exception == "store" else None)
+                if not capture.started:
+                    await send_stored(send, failure)
+            raise
+        finally:
+            lease.stop()
+        if not settled:
+            # The app returned without finishing its response: keep what it sent, if
+            # anything; otherwise the server answers 500 and the key is released.
+            await settle(capture.stored_response() if capture.should_store() else None)
+
+
+class LeaseKeeper:
+    """Renews the lease every third of its length while the handler runs (SPEC §3)."""
+
+    __slots__ = ("_guard", "_handle", "_lease", "_store", "_task", "_token")
+
+    def __init__(self, store: AsyncStore, guard: Guard, token: str, lease: float) -> None:
+        self._store, self._guard, self._token, self._lease = store, guard, token, lease
+        self._handle: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        # A timer, not a task: fast handlers (the common case) never pay for a task.
+        self._handle = asyncio.get_running_loop().call_later(self._lease / 3, self._fire)
+
+    def _fire(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._renew())
+
+    async def _renew(self) -> None:
+        guard = self._guard
+        try:
+            renewed = await self._store.renew(
+                guard.scope, guard.key, self._token, lease=self._lease
+            )
+        except StoreError as error:
+            logger.warning("oncely: lease renewal failed, will retry: %s", error)
+            renewed = True
+        if not renewed:
+            logger.warning(
+                "oncely: lease lost while the handler ran (key hash %s)", _key_hash(guard.key)
+            )
+            return
+        if self._handle is not None:
+            self.start()
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+
+class Disconnected:
+    """The client went away while sending the request body."""
+
+
+DISCONNECTED = Disconnected()
+
+
+async def read_body(receive: Receive, limit: int) -> bytes | Disconnected | None:
+    """The whole request body, or None when it exceeds `limit` bytes."""
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        return DISCONNECTED
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):
+        return body if len(body) <= limit else None
+    chunks = [body]
+    size = len(body)
+    while message.get("more_body", False):
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return DISCONNECTED
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def replaying_receive(body: bytes, receive: Receive) -> Receive:
+    """Hands the buffered body to the app once, then forwards to the real `receive`
+    (so a disconnect is reported when it really happens, never invented)."""
+    delivered = False
+
+    async def app_receive() -> Message:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return app_receive
+
+
+def _capturable(scope: Scope) -> Scope:
+    extensions = scope.get("extensions")
+    if not extensions or not any(name in extensions for name in _UNCAPTURABLE_EXTENSIONS):
+        return scope
+    kept = {k: v for k, v in extensions.items() if k not in _UNCAPTURABLE_EXTENSIONS}
+    return {**scope, "extensions": kept}
+
+
+async def send_stored(send: Send, response: StoredResponse) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status,
+            "headers": list(response.headers),
+        }
+    )
+    await send({"type": "http.response.body", "body": response.body})
+
+
+async def send_replay(send: Send, response: StoredResponse) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status,
+            "headers": replay_headers(response),
+        }
+    )
+    await send({"type": "http.response.body", "body": response.body})
+
+
+async def send_problem(
+    send: Send, problem: Problem, policy: IdempotencyPolicy, key: str | None = None
+) -> None:
+    rendered = problems.render(problem, policy, key)
+    await send(
+        {"type": "http.response.start", "status": rendered.status, "headers": rendered.headers}
+    )
+    await send({"type": "http.response.body", "body": rendered.body})
+
+
+def _key_hash(key: str) -> str:
+    import hashlib
+
+    return hashlib.blake2b(key.encode(), digest_size=6).hexdigest()
+
+
+def _find_marked_routes(app: Any) -> list[tuple[Any, RouteOptions]]:
+    """Starlette/FastAPI routes whose endpoint carries an oncely marker."""
+    node = app
+    for _ in range(16):  # walk down through wrapping middlewares to the router
+        routes = getattr(node, "routes", None)
+        if isinstance(routes, list):
+            return [
+                (route, options)
+                for route in routes
+                if (options := marker_of(getattr(route, "endpoint", None))) is not None
+            ]
+        node = getattr(node, "router", None) or getattr(node, "app", None)
+        if node is None:
+            break
+    return []
+
+
+__all__ = ["IdempotencyMiddleware"]

@@ -1,0 +1,158 @@
+"""One request's way through oncely, sans I/O: what the adapters ask before and after
+the store. ASGI and WSGI adapters call these and only move bytes around them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from oncely.core import problems
+from oncely.core.fingerprint import NO_FINGERPRINT, RequestFacts
+from oncely.core.keys import HEADER_LOWER, InvalidKey, parse_key
+from oncely.core.policy import IdempotencyPolicy, RouteOptions
+from oncely.core.problems import Problem
+from oncely.core.records import StoredResponse
+from oncely.core.tenancy import scope_from_credentials, scope_from_value
+
+REPLAYED_HEADER = (b"idempotent-replayed", b"true")
+
+
+@dataclass(frozen=True, slots=True)
+class PassThrough:
+    """Not oncely's business: hand the request to the app untouched."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Answer with a problem without running the handler."""
+
+    problem: Problem
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """Protect this request: read its body, fingerprint it, claim (scope, key)."""
+
+    key: str
+    scope: str
+    content_type: str | None
+
+
+PASS_THROUGH = PassThrough()
+Admission = PassThrough | Reject | Guard
+
+
+def admit(
+    policy: IdempotencyPolicy,
+    method: str,
+    path: str,
+    headers: Iterable[tuple[bytes, bytes]],
+    *,
+    route: RouteOptions | None = None,
+    environment: Mapping[str, Any] | None = None,
+    app_scope: str | None = None,
+) -> Admission:
+    """SPEC §2: which requests oncely guards, and which keys it refuses.
+
+    `headers` are lower-case names (as ASGI gives them). `app_scope` is a tenant that
+    the app's own auth put on the request; `environment` is the ASGI scope or WSGI
+    environ, handed to a configured scope resolver.
+    """
+    if method not in policy.methods:
+        return PASS_THROUGH
+    if route is None:
+        route = policy.route_options(path)
+    if not route.enabled:
+        return PASS_THROUGH
+    header_list = headers if isinstance(headers, list | tuple) else list(headers)
+    key_values = [value for name, value in header_list if name == HEADER_LOWER]
+    try:
+        key = parse_key(key_values)
+    except InvalidKey as error:
+        return Reject(problems.invalid_key(error), error.printable_key())
+    if key is None:
+        if policy.requires_key(method, route):
+            return Reject(problems.key_required(policy))
+        return PASS_THROUGH
+    scope = app_scope
+    if scope is None and policy.scope_resolver is not None and environment is not None:
+        scope = policy.scope_resolver(environment)
+    if scope is not None:
+        scope = scope_from_value(scope)
+    else:
+        scope = scope_from_credentials(header_list, policy.credential_headers)
+    content_type = None
+    for name, value in header_list:
+        if name == b"content-type":
+            content_type = value.decode("latin-1")
+            break
+    return Guard(key=key, scope=scope, content_type=content_type)
+
+
+def fingerprint_of(
+    policy: IdempotencyPolicy, guard: Guard, method: str, path: str, query: bytes, body: bytes
+) -> str:
+    if policy.fingerprint is None:
+        return NO_FINGERPRINT
+    return policy.fingerprint(RequestFacts(method, path, query, guard.content_type, body))
+
+
+def new_token() -> str:
+    """A lease token: unguessable, so no other worker can complete our claim."""
+    return os.urandom(16).hex()
+
+
+def replay_headers(response: StoredResponse) -> list[tuple[bytes, bytes]]:
+    return [*response.headers, REPLAYED_HEADER]
+
+
+class ResponseCapture:
+    """Collects what the handler sends, within the size limit, for the record."""
+
+    __slots__ = ("_chunks", "_size", "headers", "overflowed", "policy", "status")
+
+    def __init__(self, policy: IdempotencyPolicy) -> None:
+        self.policy = policy
+        self.status: int | None = None
+        self.headers: tuple[tuple[bytes, bytes], ...] = ()
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self.overflowed = False
+
+    def start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        self.status = status
+        keeps = self.policy.keeps_header
+        self.headers = tuple((name, value) for name, value in headers if keeps(name))
+
+    def body(self, chunk: bytes) -> None:
+        if self.overflowed or not chunk:
+            return
+        self._size += len(chunk)
+        if self._size > self.policy.max_stored_body:
+            self.overflowed = True
+            self._chunks.clear()
+        else:
+            self._chunks.append(chunk)
+
+    @property
+    def started(self) -> bool:
+        return self.status is not None
+
+    def should_store(self) -> bool:
+        return self.status is not None and self.policy.store_status(self.status)
+
+    def stored_response(self) -> StoredResponse:
+        assert self.status is not None
+        if self.overflowed:
+            return StoredResponse(self.status, self.headers, b"", replayable=False)
+        body = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        return StoredResponse(self.status, self.headers, body)
+
+
+def failure_response(policy: IdempotencyPolicy) -> StoredResponse:
+    """What an exception in the handler stores (and sends, if nothing was sent yet)."""
+    rendered = problems.render(problems.handler_failed(), policy)
+    return StoredResponse(rendered.status, tuple(rendered.headers), rendered.body)

@@ -1,0 +1,306 @@
+"""SQLite store: the embedded default. Durable, and safe for several worker processes
+sharing one database file (WAL, BEGIN IMMEDIATE, busy timeout).
+
+The sync twins do the work on a per-thread connection; the async methods run them on
+one dedicated thread so the event loop never blocks on the file lock or an fsync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from oncely.core.decisions import Claimed, ClaimResult, ClaimTransition, Existing, claim_transition
+from oncely.core.records import (
+    Record,
+    RecordFormatError,
+    RecordState,
+    StoredResponse,
+    decode_response,
+    encode_response,
+)
+from oncely.stores.base import StoreError, StoreStats, poll_until_settled, poll_until_settled_sync
+
+T = TypeVar("T")
+
+TABLE = "oncely_records"
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS {TABLE} (
+    scope TEXT NOT NULL,
+    key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    token TEXT,
+    attempts INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    lease_expires_at REAL,
+    response BLOB,
+    PRIMARY KEY (scope, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS {TABLE}_expires_at ON {TABLE} (expires_at);
+"""
+_COLUMNS = (
+    "scope, key, fingerprint, state, token, attempts, created_at, expires_at, "
+    "lease_expires_at, response"
+)
+SELECT_RECORD = f"SELECT {_COLUMNS} FROM {TABLE} WHERE scope = ? AND key = ?"
+UPSERT_CLAIM = f"""
+INSERT INTO {TABLE} ({_COLUMNS}) VALUES (?, ?, ?, 0, ?, 1, ?, ?, ?, NULL)
+ON CONFLICT (scope, key) DO UPDATE SET
+    fingerprint = excluded.fingerprint, state = 0, token = excluded.token, attempts = 1,
+    created_at = excluded.created_at, expires_at = excluded.expires_at,
+    lease_expires_at = excluded.lease_expires_at, response = NULL
+"""
+TAKE_OVER = f"""
+UPDATE {TABLE} SET token = ?, attempts = attempts + 1, lease_expires_at = ?
+WHERE scope = ? AND key = ?
+"""
+# Fenced statements: only the current lease holder of an in-flight record matches.
+COMPLETE = f"""
+UPDATE {TABLE} SET state = 1, lease_expires_at = NULL, response = ?
+WHERE scope = ? AND key = ? AND token = ? AND state = 0
+"""
+RELEASE = f"DELETE FROM {TABLE} WHERE scope = ? AND key = ? AND token = ? AND state = 0"
+RENEW = f"""
+UPDATE {TABLE} SET lease_expires_at = ?
+WHERE scope = ? AND key = ? AND token = ? AND state = 0 AND expires_at > ?
+"""
+PURGE_BATCH = f"""
+DELETE FROM {TABLE} WHERE (scope, key) IN (
+    SELECT scope, key FROM {TABLE} WHERE expires_at <= ? LIMIT ?
+)
+"""
+STATS = f"""
+SELECT
+    SUM(expires_at > :now AND state = 0),
+    SUM(expires_at > :now AND state = 1),
+    SUM(expires_at <= :now),
+    MIN(CASE WHEN expires_at > :now AND state = 0 THEN created_at END)
+FROM {TABLE}
+"""
+
+Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+
+
+def record_from_row(row: tuple[Any, ...]) -> Record:
+    state = RecordState(row[3])
+    blob = row[9]
+    return Record(
+        scope=row[0],
+        key=row[1],
+        fingerprint=row[2],
+        state=state,
+        token=row[4],
+        attempts=row[5],
+        created_at=row[6],
+        expires_at=row[7],
+        lease_expires_at=row[8],
+        response=decode_response(blob) if blob is not None else None,
+    )
+
+
+class SQLiteStore:
+    """`SQLiteStore("oncely.db")`. The table is created on first use.
+
+    `synchronous="FULL"` (default) makes every completed record survive a power cut;
+    "NORMAL" survives a process crash and costs fewer fsyncs (WAL mode).
+    """
+
+    name = "sqlite"
+    native_expiry = False
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = 10.0,
+        synchronous: Synchronous = "FULL",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path)
+        self._busy_timeout = busy_timeout
+        self._synchronous = synchronous
+        self._clock = clock
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._schema_ready = False
+        self._executor: ThreadPoolExecutor | None = None
+
+    # connections ------------------------------------------------------------------
+
+    def connect(self) -> sqlite3.Connection:
+        """A new connection with oncely's settings (also for transactional completion)."""
+        connection = sqlite3.connect(
+            self.path,
+            timeout=self._busy_timeout,
+            isolation_level=None,  # autocommit; claims open their own IMMEDIATE transaction
+            check_same_thread=False,
+        )
+        connection.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+        connection.execute("PRAGMA journal_mode = WAL")
+        connection.execute(f"PRAGMA synchronous = {self._synchronous}")
+        if not self._schema_ready:
+            connection.executescript(SCHEMA)
+            self._schema_ready = True
+        return connection
+
+    def _connection(self) -> sqlite3.Connection:
+        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self.connect()
+            self._local.connection = connection
+            with self._connections_lock:
+                self._connections.append(connection)
+        return connection
+
+    def _run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            return operation(self._connection())
+        except (sqlite3.Error, RecordFormatError) as exc:
+            raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+
+    # sync twins -------------------------------------------------------------------
+
+    def claim_sync(
+        self, scope: str, key: str, fingerprint: str, token: str, *, lease: float, retention: float
+    ) -> ClaimResult:
+        def claim(db: sqlite3.Connection) -> ClaimResult:
+            db.execute("BEGIN IMMEDIATE")  # takes the write lock: the claim is atomic
+            try:
+                now = self._clock()
+                row = db.execute(SELECT_RECORD, (scope, key)).fetchone()
+                existing = record_from_row(row) if row is not None else None
+                transition = claim_transition(existing, fingerprint, now)
+                result: ClaimResult
+                if transition is ClaimTransition.INSERT:
+                    db.execute(
+                        UPSERT_CLAIM,
+                        (scope, key, fingerprint, token, now, now + retention, now + lease),
+                    )
+                    result = Claimed(token, 1)
+                elif transition is ClaimTransition.TAKE_OVER:
+                    assert existing is not None
+                    db.execute(TAKE_OVER, (token, now + lease, scope, key))
+                    result = Claimed(token, existing.attempts + 1, took_over=True)
+                else:
+                    assert existing is not None
+                    result = Existing(existing, now)
+                db.execute("COMMIT")
+                return result
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+        return self._run(claim)
+
+    def complete_sync(self, scope: str, key: str, token: str, response: StoredResponse) -> bool:
+        blob = encode_response(response)
+        return self._run(lambda db: db.execute(COMPLETE, (blob, scope, key, token)).rowcount == 1)
+
+    def release_sync(self, scope: str, key: str, token: str) -> bool:
+        return self._run(lambda db: db.execute(RELEASE, (scope, key, token)).rowcount == 1)
+
+    def renew_sync(self, scope: str, key: str, token: str, *, lease: float) -> bool:
+        def renew(db: sqlite3.Connection) -> bool:
+            now = self._clock()
+            return db.execute(RENEW, (now + lease, scope, key, token, now)).rowcount == 1
+
+        return self._run(renew)
+
+    def get_sync(self, scope: str, key: str) -> Record | None:
+        def get(db: sqlite3.Connection) -> Record | None:
+            row = db.execute(SELECT_RECORD, (scope, key)).fetchone()
+            if row is None or row[7] <= self._clock():
+                return None
+            return record_from_row(row)
+
+        return self._run(get)
+
+    def wait_sync(self, scope: str, key: str, timeout: float) -> Record | None:
+        return poll_until_settled_sync(lambda: self.get_sync(scope, key), timeout)
+
+    def purge_expired_sync(self, batch: int = 5000) -> int:
+        """Delete expired records in batches, so the write lock is held only briefly."""
+
+        def purge(db: sqlite3.Connection) -> int:
+            total = 0
+            while True:
+                deleted = db.execute(PURGE_BATCH, (self._clock(), batch)).rowcount
+                total += deleted
+                if deleted < batch:
+                    return total
+
+        return self._run(purge)
+
+    def stats_sync(self) -> StoreStats:
+        def stats(db: sqlite3.Connection) -> StoreStats:
+            now = self._clock()
+            in_flight, completed, expired, oldest = db.execute(STATS, {"now": now}).fetchone()
+            return StoreStats(
+                in_flight or 0,
+                completed or 0,
+                expired or 0,
+                None if oldest is None else now - oldest,
+            )
+
+        return self._run(stats)
+
+    def close(self) -> None:
+        with self._connections_lock:
+            for connection in self._connections:
+                connection.close()
+            self._connections.clear()
+        self._local = threading.local()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+
+    # async methods: the same work on the store's own thread --------------------------
+
+    async def _in_thread(self, function: Callable[[], T]) -> T:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="oncely-sqlite")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function)
+
+    async def claim(
+        self, scope: str, key: str, fingerprint: str, token: str, *, lease: float, retention: float
+    ) -> ClaimResult:
+        return await self._in_thread(
+            lambda: self.claim_sync(
+                scope, key, fingerprint, token, lease=lease, retention=retention
+            )
+        )
+
+    async def complete(self, scope: str, key: str, token: str, response: StoredResponse) -> bool:
+        return await self._in_thread(lambda: self.complete_sync(scope, key, token, response))
+
+    async def release(self, scope: str, key: str, token: str) -> bool:
+        return await self._in_thread(lambda: self.release_sync(scope, key, token))
+
+    async def renew(self, scope: str, key: str, token: str, *, lease: float) -> bool:
+        return await self._in_thread(lambda: self.renew_sync(scope, key, token, lease=lease))
+
+    async def get(self, scope: str, key: str) -> Record | None:
+        return await self._in_thread(lambda: self.get_sync(scope, key))
+
+    async def wait(self, scope: str, key: str, timeout: float) -> Record | None:
+        return await poll_until_settled(lambda: self.get(scope, key), timeout)
+
+    async def purge_expired(self) -> int:
+        return await self._in_thread(self.purge_expired_sync)
+
+    async def stats(self) -> StoreStats:
+        return await self._in_thread(self.stats_sync)
+
+    async def aclose(self) -> None:
+        self.close()

@@ -1,0 +1,99 @@
+"""Concurrent same-key load against a running server, for concurrency tests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+
+@dataclass
+class Round:
+    key: str
+    statuses: list[int]
+    bodies: list[bytes]
+    replayed: list[bool]
+
+
+@dataclass
+class LoadResult:
+    rounds: list[Round] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def status_counts(self) -> Counter[int]:
+        return Counter(status for r in self.rounds for status in r.statuses)
+
+
+async def _same_key_rounds(
+    url: str,
+    rounds: int,
+    concurrency: int,
+    headers: Mapping[str, str],
+    deadline_seconds: float,
+) -> LoadResult:
+    result = LoadResult()
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    deadline = time.monotonic() + deadline_seconds
+    async with httpx.AsyncClient(limits=limits, timeout=30.0) as client:
+        for index in range(rounds):
+            if time.monotonic() > deadline:
+                result.errors.append(f"deadline reached after {index} rounds")
+                break
+            key = f"round-{index}-{uuid.uuid4().hex}"
+            payload = json.dumps({"round": index}).encode()
+
+            async def one(key: str = key, payload: bytes = payload) -> httpx.Response:
+                return await client.post(
+                    url,
+                    content=payload,
+                    headers={
+                        "idempotency-key": key,
+                        "content-type": "application/json",
+                        **headers,
+                    },
+                )
+
+            responses = await asyncio.gather(
+                *(one() for _ in range(concurrency)), return_exceptions=True
+            )
+            statuses, bodies, replayed = [], [], []
+            for response in responses:
+                if isinstance(response, BaseException):
+                    result.errors.append(repr(response))
+                    continue
+                statuses.append(response.status_code)
+                bodies.append(response.content)
+                replayed.append(response.headers.get("idempotent-replayed") == "true")
+            result.rounds.append(Round(key, statuses, bodies, replayed))
+    return result
+
+
+def same_key_rounds(
+    url: str,
+    *,
+    rounds: int,
+    concurrency: int,
+    headers: Mapping[str, str] | None = None,
+    deadline_seconds: float = 240.0,
+) -> LoadResult:
+    """`rounds` times, `concurrency` simultaneous POSTs that share one fresh key."""
+    return asyncio.run(
+        _same_key_rounds(url, rounds, concurrency, dict(headers or {}), deadline_seconds)
+    )
+
+
+def read_effects(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def executions_per_key(path: Path) -> Counter[str]:
+    return Counter(effect["key"] for effect in read_effects(path))
