@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from oncely.stores import MemoryStore, SQLiteStore
+from tests.support.services import services_required
 
 
 @pytest.fixture
@@ -25,3 +26,25 @@ def sqlite_store(tmp_path: Path) -> Iterator[SQLiteStore]:
     store = SQLiteStore(tmp_path / "oncely.db")
     yield store
     store.close()
+
+
+# With ONCELY_REQUIRE_SERVICES=1 (CI) a skipped test is a failure of the run: a skip
+# could hide a store that was never exercised.
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _skipped and services_required():
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(
+                f"ONCELY_REQUIRE_SERVICES is set and {len(_skipped)} test(s) were skipped: "
+                + ", ".join(_skipped[:10]),
+                red=True,
+            )

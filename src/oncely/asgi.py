@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, Unpack
 
 from oncely.core import problems
 from oncely.core.decisions import ClaimResult, Existing, Outcome, decide
@@ -24,7 +24,7 @@ from oncely.core.exchange import (
     new_token,
     replay_headers,
 )
-from oncely.core.policy import IdempotencyPolicy, RouteOptions
+from oncely.core.policy import IdempotencyPolicy, PolicyOptions, RouteOptions
 from oncely.core.problems import Problem
 from oncely.core.records import StoredResponse
 from oncely.markers import marker_of
@@ -57,7 +57,7 @@ class IdempotencyMiddleware:
         *,
         store: AsyncStore | str,
         policy: IdempotencyPolicy | None = None,
-        **options: Any,
+        **options: Unpack[PolicyOptions],
     ) -> None:
         if isinstance(store, str):
             from oncely.stores.urls import store_from_url

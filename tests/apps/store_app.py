@@ -57,6 +57,8 @@ async def slow_down() -> None:
 async def effects(request: Request) -> Response:
     body = await request.body()
     await slow_down()
+    if "delay" in request.query_params:
+        await asyncio.sleep(float(request.query_params["delay"]))
     execution_id = record_effect(request, body)
     return JSONResponse(
         {"id": execution_id, "echo": body.decode("utf-8", "replace"), "pid": os.getpid()},

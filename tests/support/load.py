@@ -39,7 +39,8 @@ async def _same_key_rounds(
     deadline_seconds: float,
 ) -> LoadResult:
     result = LoadResult()
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # A new connection per request, so the requests of a round spread over the workers.
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
     deadline = time.monotonic() + deadline_seconds
     async with httpx.AsyncClient(limits=limits, timeout=30.0) as client:
         for index in range(rounds):

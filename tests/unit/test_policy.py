@@ -88,3 +88,12 @@ def test_header_lists() -> None:
     only = policy.replace(allowed_headers=["Content-Type"])
     assert only.keeps_header(b"content-type")
     assert not only.keeps_header(b"x-other")
+
+
+def test_keyword_options_cover_every_policy_field() -> None:
+    import dataclasses
+
+    from oncely.core.policy import PolicyOptions
+
+    fields = {f.name for f in dataclasses.fields(IdempotencyPolicy) if f.init}
+    assert set(PolicyOptions.__annotations__) == fields

@@ -6,7 +6,7 @@ import dataclasses
 import fnmatch
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 from oncely.core.fingerprint import FingerprintFunction, default_fingerprint
 from oncely.core.tenancy import DEFAULT_CREDENTIAL_HEADERS
@@ -48,6 +48,38 @@ class RouteOptions:
 
     enabled: bool = True
     require_key: bool | None = None
+
+
+class PolicyOptions(TypedDict, total=False):
+    """The policy fields as keywords, so `IdempotencyMiddleware(app, lease=10)` type-checks.
+
+    Collections may be given as lists or sets; they are normalised.
+    """
+
+    methods: Collection[str]
+    require_key: bool | Collection[str]
+    include_paths: Collection[str]
+    exclude_paths: Collection[str]
+    required_paths: Collection[str]
+    retention: float
+    lease: float
+    mismatch_status: Literal[409, 422]
+    in_flight_status: int
+    in_flight_retry_after: int
+    wait_for_in_flight: float
+    store_status: Callable[[int], bool]
+    on_exception: Literal["store", "release"]
+    allowed_headers: Collection[str] | None
+    denied_headers: Collection[str]
+    max_request_body: int
+    max_stored_body: int
+    fingerprint: FingerprintFunction | None
+    credential_headers: Collection[str]
+    scope_resolver: Callable[[Mapping[str, Any]], str | None] | None
+    fail_open: bool
+    unavailable_retry_after: int
+    docs_url: str | None
+    problem_type_base: str
 
 
 @dataclass(frozen=True)
@@ -98,8 +130,8 @@ class IdempotencyPolicy:
         default_factory=dict, init=False, repr=False, compare=False
     )
 
-    def replace(self, **changes: Any) -> IdempotencyPolicy:
-        return dataclasses.replace(self, **_normalise(changes))
+    def replace(self, **changes: Unpack[PolicyOptions]) -> IdempotencyPolicy:
+        return dataclasses.replace(self, **_normalise(dict(changes)))
 
     def requires_key(self, method: str, route: RouteOptions) -> bool:
         if route.require_key is not None:
@@ -130,32 +162,32 @@ class IdempotencyPolicy:
 
     # Presets reproducing SPEC §6 by configuration alone.
     @classmethod
-    def ietf(cls, **changes: Any) -> IdempotencyPolicy:
+    def ietf(cls, **changes: Unpack[PolicyOptions]) -> IdempotencyPolicy:
         return cls().replace(**changes)
 
     @classmethod
-    def stripe(cls, **changes: Any) -> IdempotencyPolicy:
+    def stripe(cls, **changes: Unpack[PolicyOptions]) -> IdempotencyPolicy:
         # Stripe: POST only; mismatch is an error in the 400 class (409 here, the closest
         # to Stripe's idempotency_error); only requests that started executing are saved,
         # i.e. everything the handler answered.
         return cls(methods=frozenset({"POST"}), mismatch_status=409).replace(**changes)
 
     @classmethod
-    def akahu(cls, **changes: Any) -> IdempotencyPolicy:
+    def akahu(cls, **changes: Unpack[PolicyOptions]) -> IdempotencyPolicy:
         return cls(
             methods=frozenset({"POST"}), include_paths=("/payments*", "/transfers*")
         ).replace(**changes)
 
     @classmethod
-    def aleta(cls, **changes: Any) -> IdempotencyPolicy:
+    def aleta(cls, **changes: Unpack[PolicyOptions]) -> IdempotencyPolicy:
         return cls(mismatch_status=409).replace(**changes)
 
     @classmethod
-    def posta(cls, **changes: Any) -> IdempotencyPolicy:
+    def posta(cls, **changes: Unpack[PolicyOptions]) -> IdempotencyPolicy:
         return cls(methods=frozenset({"POST", "PUT", "DELETE"})).replace(**changes)
 
     @classmethod
-    def apiture(cls, **changes: Any) -> IdempotencyPolicy:
+    def apiture(cls, **changes: Unpack[PolicyOptions]) -> IdempotencyPolicy:
         return cls(methods=frozenset({"POST"}), fingerprint=None).replace(**changes)
 
 
