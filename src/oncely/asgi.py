@@ -12,7 +12,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Unpack
 
 from oncely.core import problems
-from oncely.core.decisions import ClaimResult, Existing, Outcome, decide
+from oncely.core.decisions import Claimed, ClaimResult, Existing, Outcome, decide
+from oncely.core.events import EventKind, IdempotencyEvent, emit, hash_key
 from oncely.core.exchange import (
     Guard,
     PassThrough,
@@ -86,7 +87,7 @@ class IdempotencyMiddleware:
         if isinstance(admission, PassThrough):
             await self.app(scope, receive, send)
         elif isinstance(admission, Reject):
-            await send_problem(send, admission.problem, policy, admission.key)
+            await self._reject(send, admission.problem, scope, admission.key)
         else:
             await self._guard(admission, scope, receive, send)
 
@@ -116,13 +117,14 @@ class IdempotencyMiddleware:
         policy = self.policy
         body = await read_body(receive, policy.max_request_body)
         if body is None:
-            await send_problem(send, problems.body_too_large(policy), policy, guard.key)
+            await self._reject(send, problems.body_too_large(policy), scope, guard.key)
             return
         if isinstance(body, Disconnected):
             return  # the client left before sending its request: nothing to do
         fingerprint = fingerprint_of(
             policy, guard, scope["method"], scope["path"], scope["query_string"], body
         )
+        claim_started = time.perf_counter()
         try:
             token, result = await self._claim(guard, fingerprint)
             outcome = decide(result, fingerprint)
@@ -130,11 +132,18 @@ class IdempotencyMiddleware:
                 token, result, outcome = await self._wait_for_in_flight(guard, fingerprint)
         except StoreError as error:
             logger.error("oncely store %s failed at claim: %s", self.store.name, error)
+            self._emit(EventKind.STORE_ERROR, scope, guard, detail="claim")
             if policy.fail_open:
                 await self.app(scope, replaying_receive(body, receive), send)
             else:
                 await send_problem(send, problems.store_unavailable(policy), policy, guard.key)
             return
+        if policy.event_subscribers:
+            self._emit(
+                EventKind(outcome.value), scope, guard,
+                duration=time.perf_counter() - claim_started,
+                attempt=result.attempt if isinstance(result, Claimed) else result.record.attempts,
+            )  # fmt: skip
 
         if outcome is Outcome.EXECUTE or outcome is Outcome.TAKE_OVER:
             await self._execute(guard, token, scope, body, receive, send)
@@ -150,6 +159,25 @@ class IdempotencyMiddleware:
         else:
             problem = problems.mismatch(policy)
         await send_problem(send, problem, policy, guard.key)
+
+    async def _reject(self, send: Send, problem: Problem, scope: Scope, key: str | None) -> None:
+        self._emit(EventKind.REJECTED, scope, None, status=problem.status, detail=problem.slug)
+        await send_problem(send, problem, self.policy, key)
+
+    def _emit(self, kind: EventKind, scope: Scope, guard: Guard | None, **attributes: Any) -> None:
+        subscribers = self.policy.event_subscribers
+        if not subscribers:
+            return
+        route = scope.get("route")
+        event = IdempotencyEvent(
+            kind=kind,
+            method=scope["method"],
+            route=getattr(route, "path", None),
+            store=self.store.name,
+            key_hash=hash_key(guard.key) if guard is not None else None,
+            **attributes,
+        )
+        emit(subscribers, event)
 
     async def _claim(self, guard: Guard, fingerprint: str) -> tuple[str, ClaimResult]:
         token = new_token()
@@ -181,7 +209,11 @@ class IdempotencyMiddleware:
     ) -> None:
         store, policy = self.store, self.policy
         capture = ResponseCapture(policy)
-        lease = LeaseKeeper(store, guard, token, policy.lease)
+        app_scope = _capturable(scope)
+        lease = LeaseKeeper(store, guard, token, policy.lease, lambda: self._emit(
+            EventKind.LEASE_LOST, app_scope, guard, detail="renewal"
+        ))  # fmt: skip
+        handler_started = time.perf_counter()
         settled = False
 
         async def settle(response: StoredResponse | None) -> None:
@@ -189,18 +221,32 @@ class IdempotencyMiddleware:
             nonlocal settled
             settled = True
             lease.stop()
+            handler_duration = time.perf_counter() - handler_started
             try:
                 if response is None:
                     await store.release(guard.scope, guard.key, token)
-                elif not await store.complete(guard.scope, guard.key, token, response):
+                    kind = EventKind.RELEASED
+                elif await store.complete(guard.scope, guard.key, token, response):
+                    kind = EventKind.STORED
+                else:
+                    kind = EventKind.LEASE_LOST
                     logger.warning(
                         "oncely: lease lost before completion; the record was taken over "
-                        "(key hash %s)", _key_hash(guard.key),
+                        "(key hash %s)", hash_key(guard.key),
                     )  # fmt: skip
             except StoreError as error:
+                kind = EventKind.STORE_ERROR
                 logger.error(
                     "oncely store %s failed at completion; the claim lapses with its lease: %s",
                     store.name, error,
+                )  # fmt: skip
+            if policy.event_subscribers:
+                self._emit(
+                    kind, app_scope, guard,
+                    status=capture.status if response is None else response.status,
+                    duration=time.perf_counter() - handler_started - handler_duration,
+                    handler_duration=handler_duration,
+                    detail="completion" if kind is EventKind.STORE_ERROR else None,
                 )  # fmt: skip
 
         async def capturing_send(message: Message) -> None:
@@ -215,7 +261,7 @@ class IdempotencyMiddleware:
 
         lease.start()
         try:
-            await self.app(_capturable(scope), replaying_receive(body, receive), capturing_send)
+            await self.app(app_scope, replaying_receive(body, receive), capturing_send)
         except Exception:
             if not settled:
                 failure = failure_response(policy)
@@ -234,10 +280,18 @@ class IdempotencyMiddleware:
 class LeaseKeeper:
     """Renews the lease every third of its length while the handler runs (SPEC §3)."""
 
-    __slots__ = ("_guard", "_handle", "_lease", "_store", "_task", "_token")
+    __slots__ = ("_guard", "_handle", "_lease", "_on_lost", "_store", "_task", "_token")
 
-    def __init__(self, store: AsyncStore, guard: Guard, token: str, lease: float) -> None:
+    def __init__(
+        self,
+        store: AsyncStore,
+        guard: Guard,
+        token: str,
+        lease: float,
+        on_lost: Callable[[], None],
+    ) -> None:
         self._store, self._guard, self._token, self._lease = store, guard, token, lease
+        self._on_lost = on_lost
         self._handle: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -259,8 +313,9 @@ class LeaseKeeper:
             renewed = True
         if not renewed:
             logger.warning(
-                "oncely: lease lost while the handler ran (key hash %s)", _key_hash(guard.key)
+                "oncely: lease lost while the handler ran (key hash %s)", hash_key(guard.key)
             )
+            self._on_lost()
             return
         if self._handle is not None:
             self.start()
@@ -355,12 +410,6 @@ async def send_problem(
         {"type": "http.response.start", "status": rendered.status, "headers": rendered.headers}
     )
     await send({"type": "http.response.body", "body": rendered.body})
-
-
-def _key_hash(key: str) -> str:
-    import hashlib
-
-    return hashlib.blake2b(key.encode(), digest_size=6).hexdigest()
 
 
 def _find_marked_routes(app: Any) -> list[tuple[Any, RouteOptions]]:

@@ -31,7 +31,7 @@ class CountingApp:
         self.delay = delay
         self.received: list[Message] = []
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Message, receive: Any, send: Any) -> None:
         message = await receive()
         self.received.append(message)
         self.executions += 1

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict, Unpack
 
+from oncely.core.events import EventSubscriber
 from oncely.core.fingerprint import FingerprintFunction, default_fingerprint
 from oncely.core.tenancy import DEFAULT_CREDENTIAL_HEADERS
 
@@ -80,6 +81,7 @@ class PolicyOptions(TypedDict, total=False):
     unavailable_retry_after: int
     docs_url: str | None
     problem_type_base: str
+    event_subscribers: Sequence[EventSubscriber]
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,8 @@ class IdempotencyPolicy:
     unavailable_retry_after: int = 2
     docs_url: str | None = None
     problem_type_base: str = "https://oncely.dev/problems/"
+    # Called with an IdempotencyEvent at every decision (see oncely.instrumentation).
+    event_subscribers: tuple[EventSubscriber, ...] = ()
 
     _route_cache: dict[str, RouteOptions] = field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -202,7 +206,13 @@ def _normalise(changes: dict[str, Any]) -> dict[str, Any]:
         out["methods"] = frozenset(m.upper() for m in out["methods"])
     if isinstance(out.get("require_key"), Collection) and not isinstance(out["require_key"], bool):
         out["require_key"] = frozenset(m.upper() for m in out["require_key"])
-    for name in ("include_paths", "exclude_paths", "required_paths", "credential_headers"):
+    for name in (
+        "include_paths",
+        "exclude_paths",
+        "required_paths",
+        "credential_headers",
+        "event_subscribers",
+    ):
         if name in out:
             out[name] = tuple(out[name])
     for name in ("allowed_headers", "denied_headers"):
