@@ -14,7 +14,7 @@ from oncely.core.keys import HEADER_LOWER, InvalidKey, parse_key
 from oncely.core.policy import IdempotencyPolicy, RouteOptions
 from oncely.core.problems import Problem
 from oncely.core.records import StoredResponse
-from oncely.core.tenancy import scope_from_credentials, scope_from_value
+from oncely.core.tenancy import credential_scope, scope_from_value
 
 REPLAYED_HEADER = (b"idempotent-replayed", b"true")
 
@@ -57,7 +57,7 @@ def admit(
 ) -> Admission:
     """SPEC §2: which requests oncely guards, and which keys it refuses.
 
-    `headers` are lower-case names (as ASGI gives them). `app_scope` is a tenant that
+    `headers` have lower-case names (as ASGI gives them). `app_scope` is a tenant that
     the app's own auth put on the request; `environment` is the ASGI scope or WSGI
     environ, handed to a configured scope resolver.
     """
@@ -67,8 +67,18 @@ def admit(
         route = policy.route_options(path)
     if not route.enabled:
         return PASS_THROUGH
-    header_list = headers if isinstance(headers, list | tuple) else list(headers)
-    key_values = [value for name, value in header_list if name == HEADER_LOWER]
+    # One pass over the headers collects everything the guard needs.
+    key_values: list[bytes] = []
+    credentials: list[tuple[bytes, bytes]] = []
+    content_type: str | None = None
+    credential_names = policy.credential_header_names
+    for name, value in headers:
+        if name == HEADER_LOWER:
+            key_values.append(value)
+        elif name == b"content-type":
+            content_type = value.decode("latin-1")
+        elif name in credential_names:
+            credentials.append((name, value))
     try:
         key = parse_key(key_values)
     except InvalidKey as error:
@@ -80,15 +90,7 @@ def admit(
     scope = app_scope
     if scope is None and policy.scope_resolver is not None and environment is not None:
         scope = policy.scope_resolver(environment)
-    if scope is not None:
-        scope = scope_from_value(scope)
-    else:
-        scope = scope_from_credentials(header_list, policy.credential_headers)
-    content_type = None
-    for name, value in header_list:
-        if name == b"content-type":
-            content_type = value.decode("latin-1")
-            break
+    scope = scope_from_value(scope) if scope is not None else credential_scope(credentials)
     return Guard(key=key, scope=scope, content_type=content_type)
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import fnmatch
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal, TypedDict, Unpack
 
 from oncely.core.events import EventSubscriber
@@ -133,6 +134,13 @@ class IdempotencyPolicy:
     _route_cache: dict[str, RouteOptions] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    _header_cache: dict[bytes, bool] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    @cached_property
+    def credential_header_names(self) -> frozenset[bytes]:
+        return frozenset(name.lower().encode("latin-1") for name in self.credential_headers)
 
     def replace(self, **changes: Unpack[PolicyOptions]) -> IdempotencyPolicy:
         return dataclasses.replace(self, **_normalise(dict(changes)))
@@ -159,10 +167,16 @@ class IdempotencyPolicy:
         return options
 
     def keeps_header(self, name: bytes) -> bool:
-        lowered = name.decode("latin-1").lower()
-        if lowered in self.denied_headers:
-            return False
-        return self.allowed_headers is None or lowered in self.allowed_headers
+        """Whether a response header is stored for replay (cached per header name)."""
+        kept = self._header_cache.get(name)
+        if kept is None:
+            lowered = name.decode("latin-1").lower()
+            kept = lowered not in self.denied_headers and (
+                self.allowed_headers is None or lowered in self.allowed_headers
+            )
+            if len(self._header_cache) < 1024:  # bounded: header names come from the app
+                self._header_cache[name] = kept
+        return kept
 
     # Presets reproducing SPEC §6 by configuration alone.
     @classmethod

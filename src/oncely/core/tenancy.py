@@ -19,11 +19,19 @@ def scope_from_credentials(
 ) -> str:
     """Hash of the credential headers present; two credentials never share a namespace."""
     wanted = {name.lower().encode("latin-1") for name in credential_headers}
-    found = sorted((name.lower(), value) for name, value in headers if name.lower() in wanted)
-    if not found:
+    return credential_scope(
+        [(name.lower(), value) for name, value in headers if name.lower() in wanted]
+    )
+
+
+def credential_scope(credentials: list[tuple[bytes, bytes]]) -> str:
+    """The scope for credential headers already picked out (lower-case names)."""
+    if not credentials:
         return ANONYMOUS_SCOPE
+    if len(credentials) > 1:
+        credentials = sorted(credentials)
     digest = hashlib.blake2b(digest_size=16, person=b"oncely-scope")
-    for name, value in found:
+    for name, value in credentials:
         digest.update(name)
         digest.update(b":")
         digest.update(value)

@@ -70,9 +70,10 @@ class MemoryStore:
             record = self._holder(scope, key, token)
             if record is None:
                 return False
-            self._records[(scope, key)] = _replace(
-                record, state=RecordState.COMPLETED, lease_expires_at=None, response=response
-            )
+            self._records[(scope, key)] = Record(
+                scope, key, record.fingerprint, RecordState.COMPLETED, token, record.attempts,
+                record.created_at, record.expires_at, None, response,
+            )  # fmt: skip
             return True
 
     def release_sync(self, scope: str, key: str, token: str) -> bool:
