@@ -8,6 +8,8 @@ import pytest
 from oncely.stores import MemoryStore, SQLiteStore
 from tests.support.services import services_required
 
+pytest_plugins = ["tests.support.redis_fixtures", "tests.support.postgres_fixtures"]
+
 
 @pytest.fixture
 def anyio_backend() -> str:
