@@ -1,0 +1,581 @@
+"""What the shared contract can not see in the PostgreSQL store: round trips on the wire,
+LISTEN/NOTIFY wakeups, failing fast, the purge index, the sweeper, completion inside the
+caller's transaction, and records that survive a restart (on a private cluster).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import pq
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
+
+from oncely.core import Claimed, Existing, RecordState, StoredResponse
+from oncely.stores import StoreError, store_from_url
+from oncely.stores.postgres import PostgresStore, _AsyncListener, _SyncListener
+from tests.support.postgres_fixtures import PrivatePostgres, drop_table, unique_table
+from tests.support.servers import free_port
+
+pytestmark = pytest.mark.services
+
+FP = "f" * 32
+RESPONSE = StoredResponse(201, ((b"content-type", b"application/json"),), b'{"id": 1}')
+CONN_KWARGS: dict[str, Any] = {"autocommit": True, "prepare_threshold": 0}
+
+
+@pytest.fixture
+def sync_store(postgres_url: str, postgres_table: str) -> Iterator[PostgresStore]:
+    store = PostgresStore(postgres_url, table=postgres_table)
+    yield store
+    store.close()
+
+
+def raw(url: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(url, autocommit=True, connect_timeout=5)
+
+
+def count_rows(url: str, table: str) -> int:
+    with raw(url) as conn:
+        row = conn.execute(f'SELECT count(*) FROM "{table}"').fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+# Round trips, counted on the wire ------------------------------------------------------
+
+
+class WireTrace:
+    """libpq's protocol trace of every pooled connection: one ReadyForQuery per round trip."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = path.open("w")
+        self.connections: list[Any] = []
+
+    def attach(self, conn: Any) -> None:
+        self.connections.append(conn)
+        self._trace(conn)
+
+    def _trace(self, conn: Any) -> None:
+        conn.pgconn.trace(self.file.fileno())
+        conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+
+    def round_trips(self) -> int:
+        """Round trips since the last call (untracing flushes libpq's buffer)."""
+        for conn in self.connections:
+            conn.pgconn.untrace()
+        text = self.path.read_text()
+        self.path.write_text("")
+        for conn in self.connections:
+            self._trace(conn)
+        return sum(1 for line in text.splitlines() if "\tReadyForQuery" in line)
+
+    def close(self) -> None:
+        for conn in self.connections:
+            conn.pgconn.untrace()
+        self.file.close()
+
+
+@pytest.mark.anyio
+async def test_async_fresh_request_is_two_round_trips_and_a_replay_one(
+    postgres_url: str, postgres_table: str, tmp_path: Path
+) -> None:
+    trace = WireTrace(tmp_path / "wire.log")
+
+    async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        trace.attach(conn)
+
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        postgres_url, kwargs=CONN_KWARGS, min_size=1, max_size=1, open=False, configure=configure
+    )
+    await pool.open(wait=True, timeout=10)
+    store = PostgresStore(pool, table=postgres_table)
+    try:
+        # Warm up: schema check, and the first use of each statement prepares it.
+        await store.claim("s", "warm", FP, "w", lease=30, retention=60)
+        await store.complete("s", "warm", "w", RESPONSE)
+        await store.claim("s", "warm", FP, "w2", lease=30, retention=60)
+        trace.round_trips()
+
+        assert await store.claim("s", "k", FP, "t", lease=30, retention=60) == Claimed("t", 1)
+        assert await store.complete("s", "k", "t", RESPONSE)
+        assert trace.round_trips() == 2
+
+        before = xmin_xmax(postgres_url, postgres_table, "s", "k")
+        replay = await store.claim("s", "k", FP, "t2", lease=30, retention=60)
+        assert isinstance(replay, Existing)
+        assert replay.record.response == RESPONSE
+        assert trace.round_trips() == 1
+        # A replay is a pure read: no new row version, not even a row lock.
+        assert xmin_xmax(postgres_url, postgres_table, "s", "k") == before
+        assert before[1] == "0"
+    finally:
+        trace.close()
+        await store.aclose()
+        assert not pool.closed  # a pool passed in stays the caller's
+        await pool.close()
+
+
+def test_sync_fresh_request_is_two_round_trips_and_a_replay_one(
+    postgres_url: str, postgres_table: str, tmp_path: Path
+) -> None:
+    trace = WireTrace(tmp_path / "wire.log")
+    pool: ConnectionPool[Any] = ConnectionPool(
+        postgres_url, kwargs=CONN_KWARGS, min_size=1, max_size=1, open=False, configure=trace.attach
+    )
+    pool.open(wait=True, timeout=10)
+    store = PostgresStore(pool, table=postgres_table)
+    try:
+        store.claim_sync("s", "warm", FP, "w", lease=30, retention=60)
+        store.complete_sync("s", "warm", "w", RESPONSE)
+        store.claim_sync("s", "warm", FP, "w2", lease=30, retention=60)
+        trace.round_trips()
+
+        assert store.claim_sync("s", "k", FP, "t", lease=30, retention=60) == Claimed("t", 1)
+        assert store.complete_sync("s", "k", "t", RESPONSE)
+        assert trace.round_trips() == 2
+        assert isinstance(store.claim_sync("s", "k", FP, "t2", lease=30, retention=60), Existing)
+        assert trace.round_trips() == 1
+    finally:
+        trace.close()
+        store.close()
+        pool.close()
+
+
+def xmin_xmax(url: str, table: str, scope: str, key: str) -> tuple[str, str]:
+    with raw(url) as conn:
+        row = conn.execute(
+            f'SELECT xmin::text, xmax::text FROM "{table}" WHERE scope = %s AND key = %s',
+            (scope, key),
+        ).fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+# Races the contract does not cover -------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_exactly_one_takes_over_a_lapsed_lease(postgres_store: PostgresStore) -> None:
+    await postgres_store.claim("s", "k", FP, "dead", lease=0.2, retention=60)
+    await asyncio.sleep(0.3)
+    results = await asyncio.gather(
+        *(postgres_store.claim("s", "k", FP, f"t{i}", lease=30, retention=60) for i in range(20))
+    )
+    claimed = [r for r in results if isinstance(r, Claimed)]
+    assert len(claimed) == 1
+    assert claimed[0].took_over
+    assert claimed[0].attempt == 2
+
+
+@pytest.mark.anyio
+async def test_exactly_one_reclaims_an_expired_record(postgres_store: PostgresStore) -> None:
+    await postgres_store.claim("s", "k", FP, "old", lease=30, retention=0.2)
+    assert await postgres_store.complete("s", "k", "old", RESPONSE)
+    await asyncio.sleep(0.3)
+    results = await asyncio.gather(
+        *(postgres_store.claim("s", "k", FP, f"t{i}", lease=30, retention=60) for i in range(20))
+    )
+    claimed = [r for r in results if isinstance(r, Claimed)]
+    assert claimed == [Claimed(claimed[0].token, 1)]
+    existing = [r for r in results if isinstance(r, Existing)]
+    assert all(r.record.token == claimed[0].token and r.record.response is None for r in existing)
+
+
+def test_schema_creation_is_safe_from_many_processes_at_once(
+    postgres_url: str, postgres_table: str
+) -> None:
+    stores = [PostgresStore(postgres_url, table=postgres_table) for _ in range(4)]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(stores))
+
+    def init(store: PostgresStore) -> None:
+        try:
+            barrier.wait(timeout=10)
+            store.init_schema_sync()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=init, args=(store,)) for store in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    for store in stores:
+        store.close()
+    assert errors == []
+    assert count_rows(postgres_url, postgres_table) == 0
+
+
+# Waiting: LISTEN/NOTIFY, and polling when LISTEN is not available -------------------------
+
+
+@pytest.mark.anyio
+async def test_waiters_wake_on_notify_not_by_polling(
+    postgres_store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checks = count_calls(monkeypatch, postgres_store, "_wait_check")
+    await postgres_store.claim("s", "k", FP, "t", lease=30, retention=60)
+    completed_at = 0.0
+
+    async def waiter() -> float:
+        record = await postgres_store.wait("s", "k", timeout=10)
+        assert record is not None
+        assert record.state is RecordState.COMPLETED
+        return time.monotonic()
+
+    async def complete_later() -> None:
+        nonlocal completed_at
+        await asyncio.sleep(1.3)  # past the first re-check, deep into a poller's backoff
+        assert await postgres_store.complete("s", "k", "t", RESPONSE)
+        completed_at = time.monotonic()
+
+    completer = asyncio.create_task(complete_later())
+    woken = await asyncio.gather(*(waiter() for _ in range(5)))
+    await completer
+    assert max(woken) - completed_at < 0.25
+    # A waiter reads the record at start, once a second, and on the wakeup (plus a quick
+    # retry or two when another waiter held the row while marking it); polling with
+    # backoff would have read it about eleven times each in these 1.3 s.
+    assert checks[0] <= 5 * 5
+
+
+def test_sync_waiters_wake_on_notify_not_by_polling(
+    sync_store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checks = count_calls(monkeypatch, sync_store, "_wait_check_sync")
+    sync_store.claim_sync("s", "k", FP, "t", lease=30, retention=60)
+    woken: list[float] = []
+
+    def waiter() -> None:
+        record = sync_store.wait_sync("s", "k", timeout=10)
+        assert record is not None
+        assert record.state is RecordState.COMPLETED
+        woken.append(time.monotonic())
+
+    threads = [threading.Thread(target=waiter) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.3)
+    assert sync_store.complete_sync("s", "k", "t", RESPONSE)
+    completed_at = time.monotonic()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert len(woken) == 5
+    assert max(woken) - completed_at < 0.25
+    assert checks[0] <= 5 * 5
+
+
+@pytest.mark.anyio
+async def test_release_wakes_waiters_with_none(postgres_store: PostgresStore) -> None:
+    await postgres_store.claim("s", "k", FP, "t", lease=30, retention=60)
+
+    async def release_later() -> float:
+        await asyncio.sleep(0.3)
+        assert await postgres_store.release("s", "k", "t")
+        return time.monotonic()
+
+    started = time.monotonic()
+    record, released_at = await asyncio.gather(
+        postgres_store.wait("s", "k", timeout=10), release_later()
+    )
+    assert record is None
+    assert time.monotonic() - released_at < 0.25
+    assert time.monotonic() - started < 1
+
+
+@pytest.mark.anyio
+async def test_completion_without_waiters_sends_no_notify(
+    postgres_store: PostgresStore, postgres_url: str
+) -> None:
+    listener = await psycopg.AsyncConnection.connect(postgres_url, autocommit=True)
+    try:
+        await listener.execute(
+            psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(postgres_store.sql.channel))
+        )
+        await postgres_store.claim("s", "k", FP, "t", lease=30, retention=60)
+        assert await postgres_store.complete("s", "k", "t", RESPONSE)
+        heard = [n async for n in listener.notifies(timeout=0.3)]
+        assert heard == []
+    finally:
+        await listener.close()
+
+
+@pytest.mark.anyio
+async def test_wait_polls_when_listen_fails(
+    postgres_store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def refuse(*args: object) -> _AsyncListener:
+        raise psycopg.OperationalError("LISTEN refused for the test")
+
+    monkeypatch.setattr(_AsyncListener, "start", refuse)
+    await postgres_store.claim("s", "k", FP, "t", lease=30, retention=60)
+
+    async def complete_later() -> None:
+        await asyncio.sleep(0.2)
+        assert await postgres_store.complete("s", "k", "t", RESPONSE)
+
+    record, _ = await asyncio.gather(postgres_store.wait("s", "k", timeout=5), complete_later())
+    assert record is not None
+    assert record.state is RecordState.COMPLETED
+
+
+def test_sync_wait_polls_when_listen_fails(
+    sync_store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: object) -> None:
+        raise psycopg.OperationalError("LISTEN refused for the test")
+
+    monkeypatch.setattr(_SyncListener, "__init__", refuse)
+    sync_store.claim_sync("s", "k", FP, "t", lease=30, retention=60)
+    timer = threading.Timer(0.2, lambda: sync_store.complete_sync("s", "k", "t", RESPONSE))
+    timer.start()
+    record = sync_store.wait_sync("s", "k", timeout=5)
+    timer.join()
+    assert record is not None
+    assert record.state is RecordState.COMPLETED
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, store: PostgresStore, name: str) -> list[int]:
+    calls = [0]
+    original: Callable[..., Any] = getattr(store, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(store, name, counted)
+    return calls
+
+
+# Failing fast ------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_unreachable_server_raises_store_error_within_the_timeout() -> None:
+    store = PostgresStore(f"postgresql://postgres@127.0.0.1:{free_port()}/test", timeout=1.0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError):
+            await store.claim("s", "k", FP, "t", lease=30, retention=60)
+        assert time.monotonic() - started < 3
+        started = time.monotonic()
+        with pytest.raises(StoreError):
+            store.get_sync("s", "k")
+        assert time.monotonic() - started < 3
+    finally:
+        await store.aclose()
+
+
+# Purge and the sweeper -----------------------------------------------------------------
+
+
+def test_purge_uses_the_expiry_index_in_bounded_batches(
+    postgres_url: str, postgres_table: str
+) -> None:
+    store = PostgresStore(postgres_url, table=postgres_table, purge_batch=20)
+    try:
+        store.init_schema_sync()
+        with raw(postgres_url) as conn:
+            now = "extract(epoch FROM now())"
+            conn.execute(
+                f'INSERT INTO "{postgres_table}" (scope, key, fingerprint, state, token, attempts,'
+                f" created_at, expires_at) SELECT 's', 'live-' || g, 'f', 1, 't', 1, {now},"
+                f" {now} + 3600 + g FROM generate_series(1, 20000) AS g"
+            )
+            conn.execute(
+                f'INSERT INTO "{postgres_table}" (scope, key, fingerprint, state, token, attempts,'
+                f" created_at, expires_at) SELECT 's', 'old-' || g, 'f', 1, 't', 1, {now} - 7200,"
+                f" {now} - 3600 FROM generate_series(1, 50) AS g"
+            )
+            conn.execute(f'ANALYZE "{postgres_table}"')
+            plan = "\n".join(
+                str(row[0])
+                for row in conn.execute("EXPLAIN " + store.sql.purge, {"batch": 20}).fetchall()
+            )
+        assert f"{postgres_table}_expires_at_idx" in plan, plan
+        assert "Seq Scan" not in plan, plan
+        assert store.purge_expired_sync() == 50
+        assert count_rows(postgres_url, postgres_table) == 20000
+        assert store.stats_sync().expired == 0
+    finally:
+        store.close()
+
+
+@pytest.mark.anyio
+async def test_async_sweeper_purges_in_the_background(
+    postgres_url: str, postgres_table: str
+) -> None:
+    store = PostgresStore(postgres_url, table=postgres_table, sweep_interval=0.2)
+    try:
+        for index in range(3):
+            await store.claim("s", f"k{index}", FP, "t", lease=30, retention=0.1)
+        await store.claim("s", "live", FP, "t", lease=30, retention=60)
+        assert await eventually_async(lambda: count_rows(postgres_url, postgres_table) == 1)
+    finally:
+        await store.aclose()
+    assert store._sweeper_task is None
+
+
+def test_sweeper_thread_purges_in_the_background(
+    sync_store: PostgresStore, postgres_url: str, postgres_table: str
+) -> None:
+    for index in range(3):
+        sync_store.claim_sync("s", f"k{index}", FP, "t", lease=30, retention=0.1)
+    sync_store.claim_sync("s", "live", FP, "t", lease=30, retention=60)
+    sync_store.start_sweeper(0.2)  # no running loop here: a thread
+    deadline = time.monotonic() + 5
+    while count_rows(postgres_url, postgres_table) > 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert count_rows(postgres_url, postgres_table) == 1
+
+
+async def eventually_async(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.1)
+    return True
+
+
+# Completion inside the caller's transaction ------------------------------------------------
+
+
+def test_completion_commits_with_the_callers_transaction(
+    sync_store: PostgresStore, postgres_url: str
+) -> None:
+    sync_store.claim_sync("s", "k", FP, "t", lease=30, retention=60)
+    with psycopg.connect(postgres_url) as conn:  # not autocommit: a transaction
+        assert sync_store.complete_in_transaction_sync(conn, "s", "k", "t", RESPONSE)
+        record = sync_store.get_sync("s", "k")  # another connection: not yet visible
+        assert record is not None
+        assert record.state is RecordState.IN_FLIGHT
+        conn.commit()
+    record = sync_store.get_sync("s", "k")
+    assert record is not None
+    assert record.state is RecordState.COMPLETED
+    assert record.response == RESPONSE
+
+
+def test_rolled_back_completion_leaves_the_claim_untouched(
+    sync_store: PostgresStore, postgres_url: str
+) -> None:
+    sync_store.claim_sync("s", "k", FP, "t", lease=30, retention=60)
+    with psycopg.connect(postgres_url) as conn:
+        assert not sync_store.complete_in_transaction_sync(conn, "s", "k", "intruder", RESPONSE)
+        assert sync_store.complete_in_transaction_sync(conn, "s", "k", "t", RESPONSE)
+        conn.rollback()
+    record = sync_store.get_sync("s", "k")
+    assert record is not None
+    assert record.state is RecordState.IN_FLIGHT
+    assert record.token == "t"
+    assert sync_store.complete_sync("s", "k", "t", RESPONSE)
+
+
+@pytest.mark.anyio
+async def test_async_completion_in_transaction(
+    postgres_store: PostgresStore, postgres_url: str
+) -> None:
+    await postgres_store.claim("s", "a", FP, "ta", lease=30, retention=60)
+    await postgres_store.claim("s", "b", FP, "tb", lease=30, retention=60)
+    async with await psycopg.AsyncConnection.connect(postgres_url) as conn:
+        assert await postgres_store.complete_in_transaction(conn, "s", "a", "ta", RESPONSE)
+        await conn.commit()
+        assert await postgres_store.complete_in_transaction(conn, "s", "b", "tb", RESPONSE)
+        await conn.rollback()
+    a = await postgres_store.get("s", "a")
+    b = await postgres_store.get("s", "b")
+    assert a is not None
+    assert a.state is RecordState.COMPLETED
+    assert b is not None
+    assert b.state is RecordState.IN_FLIGHT
+
+
+# Store URLs and given pools ---------------------------------------------------------------
+
+
+def test_store_from_url_builds_a_postgres_store(postgres_url: str, postgres_table: str) -> None:
+    store = store_from_url(postgres_url, table=postgres_table, timeout=2.0)
+    try:
+        assert isinstance(store, PostgresStore)
+        assert store.claim_sync("s", "k", FP, "t", lease=30, retention=60) == Claimed("t", 1)
+    finally:
+        store.close()
+
+
+def test_a_table_in_its_own_schema(postgres_url: str) -> None:
+    schema = unique_table()
+    store = PostgresStore(postgres_url, table="records", schema=schema)
+    try:
+        assert store.claim_sync("s", "k", FP, "t", lease=30, retention=60) == Claimed("t", 1)
+        assert store.complete_sync("s", "k", "t", RESPONSE)
+        with raw(postgres_url) as conn:
+            row = conn.execute(f'SELECT count(*) FROM "{schema}".records').fetchone()
+        assert row == (1,)
+    finally:
+        store.close()
+        with raw(postgres_url) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def test_table_names_are_checked() -> None:
+    with pytest.raises(ValueError, match="identifier"):
+        PostgresStore("postgresql://127.0.0.1/x", table='x"; DROP TABLE y; --')
+
+
+# Restarts, on a private cluster ----------------------------------------------------------
+
+
+@pytest.fixture
+def private_store(private_postgres: PrivatePostgres) -> Iterator[PostgresStore]:
+    private_postgres.ensure_running()
+    table = unique_table()
+    store = PostgresStore(private_postgres.url, table=table, timeout=2.0)
+    yield store
+    store.close()
+    private_postgres.ensure_running()
+    drop_table(private_postgres.url, table)
+
+
+def test_records_survive_a_restart_and_the_store_reconnects(
+    private_postgres: PrivatePostgres, private_store: PostgresStore
+) -> None:
+    keys = [f"k{index}" for index in range(20)]
+    for key in keys:
+        assert private_store.claim_sync("s", key, FP, "t", lease=60, retention=600) == Claimed(
+            "t", 1
+        )
+        assert private_store.complete_sync("s", key, "t", RESPONSE)
+    private_store.claim_sync("s", "in-flight", FP, "held", lease=60, retention=600)
+
+    private_postgres.stop(mode="fast")
+    with pytest.raises(StoreError):
+        private_store.get_sync("s", "k0")
+    private_postgres.start()
+
+    # Connections from before the restart fail once each; then the store is back.
+    record = None
+    for _ in range(12):
+        try:
+            record = private_store.get_sync("s", "k0")
+            break
+        except StoreError:
+            time.sleep(0.05)
+    assert record is not None
+    for key in keys:
+        record = private_store.get_sync("s", key)
+        assert record is not None
+        assert record.state is RecordState.COMPLETED
+        assert record.response == RESPONSE
+    held = private_store.claim_sync("s", "in-flight", FP, "other", lease=60, retention=600)
+    assert isinstance(held, Existing)
+    assert held.record.token == "held"
+    assert private_store.complete_sync("s", "in-flight", "held", RESPONSE)
