@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from oncely._version import __version__
 from oncely.asgi import IdempotencyMiddleware
+from oncely.context import IdempotencyContext, idempotency_context
 from oncely.core.policy import IdempotencyPolicy
 from oncely.markers import exempt, idempotent
 
@@ -22,12 +23,14 @@ __all__ = [
     "AsyncClient",
     "AsyncRetryTransport",
     "Client",
+    "IdempotencyContext",
     "IdempotencyMiddleware",
     "IdempotencyPolicy",
     "RetryPolicy",
     "RetryTransport",
     "__version__",
     "exempt",
+    "idempotency_context",
     "idempotent",
 ]
 

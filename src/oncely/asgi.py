@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Unpack
 
+from oncely.context import CONTEXT_KEY, IdempotencyContext
 from oncely.core import problems
 from oncely.core.decisions import Claimed, ClaimResult, Existing, Outcome, decide
 from oncely.core.events import EventKind, IdempotencyEvent, emit, hash_key
@@ -145,8 +146,11 @@ class IdempotencyMiddleware:
                 attempt=result.attempt if isinstance(result, Claimed) else result.record.attempts,
             )  # fmt: skip
 
-        if outcome is Outcome.EXECUTE or outcome is Outcome.TAKE_OVER:
-            await self._execute(guard, token, scope, body, receive, send)
+        if isinstance(result, Claimed):
+            context = IdempotencyContext(
+                guard.key, guard.scope, token, result.attempt, result.took_over, self.store, policy
+            )
+            await self._execute(guard, context, scope, body, receive, send)
             return
         stored = result.record.response if isinstance(result, Existing) else None
         if outcome is Outcome.REPLAY and stored is not None:
@@ -205,11 +209,18 @@ class IdempotencyMiddleware:
                 return token, result, outcome
 
     async def _execute(
-        self, guard: Guard, token: str, scope: Scope, body: bytes, receive: Receive, send: Send
+        self,
+        guard: Guard,
+        context: IdempotencyContext,
+        scope: Scope,
+        body: bytes,
+        receive: Receive,
+        send: Send,
     ) -> None:
-        store, policy = self.store, self.policy
+        store, policy, token = self.store, self.policy, context.token
         capture = ResponseCapture(policy)
         app_scope = _capturable(scope)
+        app_scope[CONTEXT_KEY] = context
         lease = LeaseKeeper(store, guard, token, policy.lease, lambda: self._emit(
             EventKind.LEASE_LOST, app_scope, guard, detail="renewal"
         ))  # fmt: skip
@@ -228,6 +239,8 @@ class IdempotencyMiddleware:
                     kind = EventKind.RELEASED
                 elif await store.complete(guard.scope, guard.key, token, response):
                     kind = EventKind.STORED
+                elif context.completed_in_transaction:
+                    kind = EventKind.STORED  # the handler's own transaction stored it
                 else:
                     kind = EventKind.LEASE_LOST
                     logger.warning(

@@ -207,6 +207,22 @@ class SQLiteStore:
         blob = encode_response(response)
         return self._run(lambda db: db.execute(COMPLETE, (blob, scope, key, token)).rowcount == 1)
 
+    def complete_in_transaction_sync(
+        self,
+        connection: sqlite3.Connection,
+        scope: str,
+        key: str,
+        token: str,
+        response: StoredResponse,
+    ) -> bool:
+        """Complete on your connection to the same file, inside your open transaction,
+        without committing: the record commits or rolls back with your writes (SPEC §3).
+
+        False: the token no longer holds the lease; roll back. Errors are sqlite3's own.
+        """
+        blob = encode_response(response)
+        return connection.execute(COMPLETE, (blob, scope, key, token)).rowcount == 1
+
     def release_sync(self, scope: str, key: str, token: str) -> bool:
         return self._run(lambda db: db.execute(RELEASE, (scope, key, token)).rowcount == 1)
 
