@@ -13,7 +13,7 @@ from typing import Any, Unpack
 
 from oncely.context import CONTEXT_KEY, IdempotencyContext
 from oncely.core import problems
-from oncely.core.decisions import Claimed, ClaimResult, Existing, Outcome, decide
+from oncely.core.decisions import Claimed, ClaimResult, Outcome, decide
 from oncely.core.events import EventKind, IdempotencyEvent, emit, hash_key
 from oncely.core.exchange import (
     Guard,
@@ -21,13 +21,13 @@ from oncely.core.exchange import (
     Reject,
     ResponseCapture,
     admit,
+    answer,
     failure_response,
     fingerprint_of,
     new_token,
-    replay_headers,
 )
 from oncely.core.policy import IdempotencyPolicy, PolicyOptions, RouteOptions
-from oncely.core.problems import Problem
+from oncely.core.problems import Problem, RenderedResponse
 from oncely.core.records import StoredResponse
 from oncely.markers import marker_of
 from oncely.stores.base import AsyncStore, StoreError
@@ -105,11 +105,7 @@ class IdempotencyMiddleware:
         for route, options in self._marked_routes:
             match, _ = route.matches(scope)
             if match is Match.FULL:
-                required = options.require_key
-                return RouteOptions(
-                    enabled=options.enabled,
-                    require_key=by_path.require_key if required is None else required,
-                )
+                return options.over(by_path)
         return by_path
 
     # the guarded path ----------------------------------------------------------------
@@ -152,17 +148,7 @@ class IdempotencyMiddleware:
             )
             await self._execute(guard, context, scope, body, receive, send)
             return
-        stored = result.record.response if isinstance(result, Existing) else None
-        if outcome is Outcome.REPLAY and stored is not None:
-            await send_replay(send, stored)
-            return
-        if outcome is Outcome.IN_PROGRESS:
-            problem = problems.in_progress(policy, policy.in_flight_retry_after)
-        elif outcome is Outcome.NOT_REPLAYABLE and stored is not None:
-            problem = problems.not_replayable(policy, stored.status)
-        else:
-            problem = problems.mismatch(policy)
-        await send_problem(send, problem, policy, guard.key)
+        await send_rendered(send, answer(policy, guard.key, result, outcome))
 
     async def _reject(self, send: Send, problem: Problem, scope: Scope, key: str | None) -> None:
         self._emit(EventKind.REJECTED, scope, None, status=problem.status, detail=problem.slug)
@@ -404,13 +390,9 @@ async def send_stored(send: Send, response: StoredResponse) -> None:
     await send({"type": "http.response.body", "body": response.body})
 
 
-async def send_replay(send: Send, response: StoredResponse) -> None:
+async def send_rendered(send: Send, response: RenderedResponse) -> None:
     await send(
-        {
-            "type": "http.response.start",
-            "status": response.status,
-            "headers": replay_headers(response),
-        }
+        {"type": "http.response.start", "status": response.status, "headers": response.headers}
     )
     await send({"type": "http.response.body", "body": response.body})
 
@@ -418,11 +400,7 @@ async def send_replay(send: Send, response: StoredResponse) -> None:
 async def send_problem(
     send: Send, problem: Problem, policy: IdempotencyPolicy, key: str | None = None
 ) -> None:
-    rendered = problems.render(problem, policy, key)
-    await send(
-        {"type": "http.response.start", "status": rendered.status, "headers": rendered.headers}
-    )
-    await send({"type": "http.response.body", "body": rendered.body})
+    await send_rendered(send, problems.render(problem, policy, key))
 
 
 def _find_marked_routes(app: Any) -> list[tuple[Any, RouteOptions]]:

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from oncely.core import problems
+from oncely.core.decisions import ClaimResult, Existing, Outcome
 from oncely.core.fingerprint import NO_FINGERPRINT, RequestFacts
 from oncely.core.keys import HEADER_LOWER, InvalidKey, parse_key
 from oncely.core.policy import IdempotencyPolicy, RouteOptions
-from oncely.core.problems import Problem
+from oncely.core.problems import Problem, RenderedResponse
 from oncely.core.records import StoredResponse
 from oncely.core.tenancy import credential_scope, scope_from_value
 
@@ -111,6 +112,22 @@ def replay_headers(response: StoredResponse) -> list[tuple[bytes, bytes]]:
     return [*response.headers, REPLAYED_HEADER]
 
 
+def answer(
+    policy: IdempotencyPolicy, key: str, result: ClaimResult, outcome: Outcome
+) -> RenderedResponse:
+    """What to send for an outcome that does not run the handler: a replay or a problem."""
+    stored = result.record.response if isinstance(result, Existing) else None
+    if outcome is Outcome.REPLAY and stored is not None:
+        return RenderedResponse(stored.status, replay_headers(stored), stored.body)
+    if outcome is Outcome.IN_PROGRESS:
+        problem = problems.in_progress(policy, policy.in_flight_retry_after)
+    elif outcome is Outcome.NOT_REPLAYABLE and stored is not None:
+        problem = problems.not_replayable(policy, stored.status)
+    else:
+        problem = problems.mismatch(policy)
+    return problems.render(problem, policy, key)
+
+
 class ResponseCapture:
     """Collects what the handler sends, within the size limit, for the record."""
 
@@ -138,6 +155,11 @@ class ResponseCapture:
             self._chunks.clear()
         else:
             self._chunks.append(chunk)
+
+    def abandon(self) -> None:
+        """Keep no body: the record will say "completed, too large to replay"."""
+        self.overflowed = True
+        self._chunks.clear()
 
     @property
     def started(self) -> bool:

@@ -51,6 +51,11 @@ class RouteOptions:
     enabled: bool = True
     require_key: bool | None = None
 
+    def over(self, by_path: RouteOptions) -> RouteOptions:
+        """A framework marker wins over path patterns; an unset `require_key` falls back."""
+        required = by_path.require_key if self.require_key is None else self.require_key
+        return RouteOptions(enabled=self.enabled, require_key=required)
+
 
 class PolicyOptions(TypedDict, total=False):
     """The policy fields as keywords, so `IdempotencyMiddleware(app, lease=10)` type-checks.
