@@ -70,6 +70,7 @@ class IdempotencyMiddleware:
         base = policy or IdempotencyPolicy()
         self.policy = base.replace(**options) if options else base
         self._marked_routes: list[tuple[Any, RouteOptions]] | None = None
+        self._routes: list[Any] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in self.policy.methods:
@@ -158,16 +159,25 @@ class IdempotencyMiddleware:
         subscribers = self.policy.event_subscribers
         if not subscribers:
             return
-        route = scope.get("route")
         event = IdempotencyEvent(
             kind=kind,
             method=scope["method"],
-            route=getattr(route, "path", None),
+            route=self._route_template(scope),
             store=self.store.name,
             key_hash=hash_key(guard.key) if guard is not None else None,
             **attributes,
         )
         emit(subscribers, event)
+
+    def _route_template(self, scope: Scope) -> str | None:
+        """The route template for events: the router's once it ran; before that (the
+        claim), the route that will match (Starlette/FastAPI). Never the raw path."""
+        route = scope.get("route")
+        if route is None:
+            if self._routes is None:
+                self._routes = _find_routes(self.app)
+            return _route_template_for(self._routes, scope) if self._routes else None
+        return getattr(route, "path", None)
 
     async def _claim(self, guard: Guard, fingerprint: str) -> tuple[str, ClaimResult]:
         token = new_token()
@@ -403,21 +413,51 @@ async def send_problem(
     await send_rendered(send, problems.render(problem, policy, key))
 
 
-def _find_marked_routes(app: Any) -> list[tuple[Any, RouteOptions]]:
-    """Starlette/FastAPI routes whose endpoint carries an oncely marker."""
+def _find_routes(app: Any) -> list[Any]:
+    """The Starlette/FastAPI router's routes, found through wrapping middlewares."""
     node = app
     for _ in range(16):  # walk down through wrapping middlewares to the router
         routes = getattr(node, "routes", None)
         if isinstance(routes, list):
-            return [
-                (route, options)
-                for route in routes
-                if (options := marker_of(getattr(route, "endpoint", None))) is not None
-            ]
+            return routes
         node = getattr(node, "router", None) or getattr(node, "app", None)
         if node is None:
             break
     return []
+
+
+def _find_marked_routes(app: Any) -> list[tuple[Any, RouteOptions]]:
+    """Starlette/FastAPI routes whose endpoint carries an oncely marker."""
+    return [
+        (route, options)
+        for route in _find_routes(app)
+        if (options := marker_of(getattr(route, "endpoint", None))) is not None
+    ]
+
+
+def _route_template_for(routes: list[Any], scope: Scope, depth: int = 0) -> str | None:
+    """The template of the route the router will pick (a full match, else one that only
+    the method missed), looking inside mounts and included routers."""
+    from starlette.routing import Match, Mount
+
+    partial: str | None = None
+    for route in routes:
+        match, child_scope = route.matches(scope)
+        if match is Match.NONE:
+            continue
+        path: str | None = getattr(route, "path", None)
+        inner = getattr(route, "routes", None) or getattr(
+            getattr(route, "original_router", None), "routes", None
+        )
+        if isinstance(inner, list) and inner and depth < 4:
+            found = _route_template_for(inner, {**scope, **child_scope}, depth + 1)
+            if found is not None:
+                path = (path or "") + found if isinstance(route, Mount) else found
+        if match is Match.FULL:
+            return path
+        if partial is None:
+            partial = path
+    return partial
 
 
 __all__ = ["IdempotencyMiddleware"]
