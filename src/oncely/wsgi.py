@@ -24,7 +24,8 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Unpack
 
 from oncely.core import problems
-from oncely.core.decisions import ClaimResult, Outcome, decide
+from oncely.core.decisions import Claimed, ClaimResult, Outcome, decide
+from oncely.core.events import EventKind, IdempotencyEvent, emit, hash_key
 from oncely.core.exchange import (
     Guard,
     PassThrough,
@@ -104,6 +105,7 @@ class IdempotencyMiddleware:
         if isinstance(admission, PassThrough):
             return self.app(environ, start_response)
         if isinstance(admission, Reject):
+            reject_event(policy, self.store, method, admission.problem.status)
             rendered = problems.render(admission.problem, policy, admission.key)
             return send_rendered(start_response, rendered)
         return self._guard(admission, method, path, environ, start_response)
@@ -126,22 +128,28 @@ class IdempotencyMiddleware:
         policy = self.policy
         body = read_input(environ, policy.max_request_body)
         if body is None:
+            reject_event(policy, self.store, method, 413)
             rendered = problems.render(problems.body_too_large(policy), policy, guard.key)
             return send_rendered(start_response, rendered)
         replace_input(environ, body)
         query = environ.get("QUERY_STRING", "").encode("latin-1", "replace")
         fingerprint = fingerprint_of(policy, guard, method, path, query, body)
-        checked = check_in(self.store, policy, guard, fingerprint)
+        checked = check_in(self.store, policy, guard, fingerprint, method)
         if checked is None:  # the store failed and the policy says fail open
             return self.app(environ, start_response)
         if isinstance(checked, RenderedResponse):
             return send_rendered(start_response, checked)
-        return self._execute(guard, checked, environ, start_response)
+        return self._execute(guard, checked, method, environ, start_response)
 
     def _execute(
-        self, guard: Guard, token: str, environ: WSGIEnvironment, start_response: StartResponse
+        self,
+        guard: Guard,
+        token: str,
+        method: str,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
     ) -> Iterable[bytes]:
-        settlement = Settlement(self.store, self.policy, guard, token)
+        settlement = Settlement(self.store, self.policy, guard, token, method)
         stream = WSGIStream(settlement, start_response)
         try:
             stream.source = self.app(environ, stream.start_response)
@@ -156,7 +164,7 @@ class IdempotencyMiddleware:
 
 
 def check_in(
-    store: SyncStore, policy: IdempotencyPolicy, guard: Guard, fingerprint: str
+    store: SyncStore, policy: IdempotencyPolicy, guard: Guard, fingerprint: str, method: str
 ) -> str | RenderedResponse | None:
     """Claim (scope, key) and decide, before the handler (SPEC §3, §4).
 
@@ -164,13 +172,21 @@ def check_in(
     replay or a problem, including 503 when the store fails); or None when the store
     failed and `fail_open` says run the handler unguarded.
     """
+    started = time.perf_counter()
     try:
         token, result, outcome = claim_and_decide(store, policy, guard, fingerprint)
     except StoreError as error:
         logger.error("oncely store %s failed at claim: %s", store.name, error)
+        request_event(policy, store, method, guard, EventKind.STORE_ERROR, detail="claim")
         if policy.fail_open:
             return None
         return problems.render(problems.store_unavailable(policy), policy, guard.key)
+    if policy.event_subscribers:
+        request_event(
+            policy, store, method, guard, EventKind(outcome.value),
+            duration=time.perf_counter() - started,
+            attempt=result.attempt if isinstance(result, Claimed) else result.record.attempts,
+        )  # fmt: skip
     if outcome in _RUN:
         return token
     return answer(policy, guard.key, result, outcome)
@@ -205,6 +221,28 @@ def _claim(
     return token, result
 
 
+def request_event(
+    policy: IdempotencyPolicy,
+    store: SyncStore,
+    method: str,
+    guard: Guard,
+    kind: EventKind,
+    **attributes: Any,
+) -> None:
+    """Tell the policy's subscribers (if any) what happened to a guarded request."""
+    if policy.event_subscribers:
+        event = IdempotencyEvent(
+            kind=kind, method=method, store=store.name, key_hash=hash_key(guard.key), **attributes
+        )
+        emit(policy.event_subscribers, event)
+
+
+def reject_event(policy: IdempotencyPolicy, store: SyncStore, method: str, status: int) -> None:
+    if policy.event_subscribers:
+        event = IdempotencyEvent(EventKind.REJECTED, method=method, store=store.name, status=status)
+        emit(policy.event_subscribers, event)
+
+
 # completion ---------------------------------------------------------------------------
 
 
@@ -212,12 +250,19 @@ class Settlement:
     """One claim on its way to completion: captures the response, keeps the lease
     alive while the handler works, and completes or releases exactly once."""
 
-    __slots__ = ("__weakref__", "_lease", "capture", "guard", "policy", "settled", "store", "token")
+    __slots__ = (
+        "__weakref__", "_lease", "capture", "guard", "method", "policy", "settled", "started",
+        "store", "token",
+    )  # fmt: skip
 
-    def __init__(self, store: SyncStore, policy: IdempotencyPolicy, guard: Guard, token: str):
+    def __init__(
+        self, store: SyncStore, policy: IdempotencyPolicy, guard: Guard, token: str, method: str
+    ) -> None:
         self.store, self.policy, self.guard, self.token = store, policy, guard, token
+        self.method = method
         self.capture = ResponseCapture(policy)
         self.settled = False
+        self.started = time.perf_counter()
         self._lease = lease_keeper().hold(store, guard.scope, guard.key, token, policy.lease, self)
 
     def settle(self, response: StoredResponse | None) -> None:
@@ -227,19 +272,40 @@ class Settlement:
         self.settled = True
         self._lease.drop()
         store, guard = self.store, self.guard
+        handler_duration = time.perf_counter() - self.started
         try:
             if response is None:
                 store.release_sync(guard.scope, guard.key, self.token)
-            elif not store.complete_sync(guard.scope, guard.key, self.token, response):
+                kind = EventKind.RELEASED
+            elif store.complete_sync(guard.scope, guard.key, self.token, response):
+                kind = EventKind.STORED
+            else:
+                kind = EventKind.LEASE_LOST
                 logger.warning(
                     "oncely: lease lost before completion; the record was taken over "
-                    "(key hash %s)", key_hash(guard.key),
+                    "(key hash %s)", hash_key(guard.key),
                 )  # fmt: skip
         except StoreError as error:
+            kind = EventKind.STORE_ERROR
             logger.error(
                 "oncely store %s failed at completion; the claim lapses with its lease: %s",
                 store.name, error,
             )  # fmt: skip
+        if self.policy.event_subscribers:
+            request_event(
+                self.policy, store, self.method, guard, kind,
+                status=self.capture.status if response is None else response.status,
+                duration=time.perf_counter() - self.started - handler_duration,
+                handler_duration=handler_duration,
+                detail="completion" if kind is EventKind.STORE_ERROR else None,
+            )  # fmt: skip
+
+    def lease_lost(self) -> None:
+        """The keeper's renewal was refused: another worker took the request over."""
+        request_event(
+            self.policy, self.store, self.method, self.guard, EventKind.LEASE_LOST,
+            detail="renewal",
+        )  # fmt: skip
 
     def settle_captured(self) -> None:
         capture = self.capture
@@ -555,8 +621,11 @@ class LeaseKeeper:
             return  # settled meanwhile: a refused renewal means nothing
         if not renewed:
             logger.warning(
-                "oncely: lease lost while the handler ran (key hash %s)", key_hash(entry.key)
+                "oncely: lease lost while the handler ran (key hash %s)", hash_key(entry.key)
             )
+            owner = entry.owner()
+            if isinstance(owner, Settlement):
+                owner.lease_lost()
             entry.drop()
             return
         with self._condition:
@@ -705,12 +774,6 @@ def send_rendered(start_response: StartResponse, response: RenderedResponse) -> 
 def send_stored(start_response: StartResponse, response: StoredResponse) -> list[bytes]:
     start_response(status_line(response.status), decode_headers(response.headers))
     return [response.body]
-
-
-def key_hash(key: str) -> str:
-    import hashlib
-
-    return hashlib.blake2b(key.encode(), digest_size=6).hexdigest()
 
 
 __all__ = ["IdempotencyMiddleware", "LeaseKeeper", "lease_keeper"]

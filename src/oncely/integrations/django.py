@@ -45,6 +45,7 @@ from oncely.wsgi import (
     check_in,
     decode_headers,
     environ_headers,
+    reject_event,
 )
 
 GetResponse = Callable[[HttpRequest], HttpResponseBase]
@@ -88,6 +89,7 @@ class IdempotencyMiddleware:
         if isinstance(admission, PassThrough):
             return self.get_response(request)
         if isinstance(admission, Reject):
+            reject_event(policy, self.store, method, admission.problem.status)
             return to_django(problems.render(admission.problem, policy, admission.key))
         return self._guard(admission, method, path, request)
 
@@ -135,20 +137,23 @@ class IdempotencyMiddleware:
         policy = self.policy
         body = self._read_body(request)
         if body is None:
+            reject_event(policy, self.store, method, 413)
             return to_django(problems.render(problems.body_too_large(policy), policy, guard.key))
         query = request.META.get("QUERY_STRING", "").encode("latin-1", "replace")
         fingerprint = fingerprint_of(policy, guard, method, path, query, body)
-        checked = check_in(self.store, policy, guard, fingerprint)
+        checked = check_in(self.store, policy, guard, fingerprint, method)
         if checked is None:  # the store failed and the policy says fail open
             return self.get_response(request)
         if isinstance(checked, RenderedResponse):
             return to_django(checked)
-        return self._execute(guard, checked, request)
+        return self._execute(guard, checked, method, request)
 
     # the response ----------------------------------------------------------------------
 
-    def _execute(self, guard: Guard, token: str, request: HttpRequest) -> HttpResponseBase:
-        settlement = Settlement(self.store, self.policy, guard, token)
+    def _execute(
+        self, guard: Guard, token: str, method: str, request: HttpRequest
+    ) -> HttpResponseBase:
+        settlement = Settlement(self.store, self.policy, guard, token, method)
         try:
             # Django turns a view's exception into a 500 response below this point;
             # one only reaches here with DEBUG_PROPAGATE_EXCEPTIONS.
