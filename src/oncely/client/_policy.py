@@ -249,6 +249,17 @@ def is_in_progress_problem(headers: Mapping[str, str], body: bytes) -> bool:
     return isinstance(kind, str) and kind.endswith(IN_PROGRESS_SUFFIX)
 
 
+# A response whose body is lost after its head arrived is retried only if the body was read
+# inside the retry loop: bodies of known length up to this size are, so a server that dies
+# mid-body costs a retry, not an error for the caller.
+BUFFER_LIMIT: Final = 1024 * 1024
+
+
+def read_in_loop(headers: Mapping[str, str]) -> bool:
+    length: str = headers.get("content-length", "")
+    return length.isdigit() and int(length) <= BUFFER_LIMIT
+
+
 def needs_body(status_code: int, headers: Mapping[str, str]) -> bool:
     """Whether the decision needs the response body: only a JSON 409, for its problem type."""
     return status_code == 409 and "json" in headers.get("content-type", "")

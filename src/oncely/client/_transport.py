@@ -22,6 +22,7 @@ from oncely.client._policy import (
     RetryPolicy,
     RetryState,
     needs_body,
+    read_in_loop,
 )
 
 __all__ = ["AsyncRetryTransport", "RetryTransport"]
@@ -66,7 +67,9 @@ class RetryTransport(httpx.BaseTransport):
                 try:
                     response = self.transport.handle_request(request)
                     body = None
-                    if needs_body(response.status_code, response.headers):
+                    if needs_body(response.status_code, response.headers) or (
+                        state.safe_to_resend and read_in_loop(response.headers)
+                    ):
                         response, body = _read(response)
                 except Exception as exc:
                     decision = state.after_exception(exc)
@@ -137,7 +140,9 @@ class AsyncRetryTransport(httpx.AsyncBaseTransport):
                 try:
                     response = await self.transport.handle_async_request(request)
                     body = None
-                    if needs_body(response.status_code, response.headers):
+                    if needs_body(response.status_code, response.headers) or (
+                        state.safe_to_resend and read_in_loop(response.headers)
+                    ):
                         response, body = await _aread(response)
                 except Exception as exc:
                     decision = state.after_exception(exc)
