@@ -217,9 +217,16 @@ class IdempotencyMiddleware:
         capture = ResponseCapture(policy)
         app_scope = _capturable(scope)
         app_scope[CONTEXT_KEY] = context
-        lease = LeaseKeeper(store, guard, token, policy.lease, lambda: self._emit(
-            EventKind.LEASE_LOST, app_scope, guard, detail="renewal"
-        ))  # fmt: skip
+
+        def lease_lost() -> None:
+            if context.completed_in_transaction:
+                return  # the handler's own transaction completed the record: nothing lost
+            logger.warning(
+                "oncely: lease lost while the handler ran (key hash %s)", hash_key(guard.key)
+            )
+            self._emit(EventKind.LEASE_LOST, app_scope, guard, detail="renewal")
+
+        lease = LeaseKeeper(store, guard, token, policy.lease, lease_lost)
         handler_started = time.perf_counter()
         settled = False
 
@@ -321,9 +328,6 @@ class LeaseKeeper:
             logger.warning("oncely: lease renewal failed, will retry: %s", error)
             renewed = True
         if not renewed:
-            logger.warning(
-                "oncely: lease lost while the handler ran (key hash %s)", hash_key(guard.key)
-            )
             self._on_lost()
             return
         if self._handle is not None:
