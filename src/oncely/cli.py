@@ -1,6 +1,7 @@
 """The `oncely` command: the demo, and an operator's view of any store.
 
-    oncely demo [--host H] [--port P] [--store URL] [--ttl S] [--latency MS]
+    oncely demo [--host H] [--port P] [--store URL] [--ttl S] [--latency MS] [--lease S]
+                [--no-transactional-completion]
     oncely inspect --store URL --workspace TOKEN KEY [--body] [--json]
     oncely stats --store URL [--json]
     oncely purge --store URL [--json]
@@ -192,13 +193,43 @@ def main() -> None:
     help="Every mutating handler takes this long (a slow bank; try a retry meanwhile).",
 )
 @click.option(
+    "--lease",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    metavar="SECONDS",
+    help=(
+        "How long a claim lasts without renewal (renewed every third of it while a handler "
+        "runs): a request whose worker died runs again on a retry after it."
+    ),
+)
+@click.option(
+    "--no-transactional-completion",
+    "no_transactional_completion",
+    is_flag=True,
+    help=(
+        "Let oncely complete each record after the handler instead of inside the handler's "
+        "transaction (SQL stores only; memory and Redis stores always work so). Opens the "
+        "crash window that transactional completion closes: for demonstrations and tests."
+    ),
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     help="uvicorn's log level (info shows each request).",
 )
-def demo(host: str, port: int, store_url: str, ttl: int, latency_ms: int, log_level: str) -> None:
+def demo(
+    host: str,
+    port: int,
+    store_url: str,
+    ttl: int,
+    latency_ms: int,
+    lease: float,
+    no_transactional_completion: bool,
+    log_level: str,
+) -> None:
     """Start the demo payments API: retried transfers never double-debit."""
     try:
         import uvicorn
@@ -209,7 +240,13 @@ def demo(host: str, port: int, store_url: str, ttl: int, latency_ms: int, log_le
     with opened_store(store_url) as probe:
         probe.get_sync("oncely-demo", "reachability-check")  # fail now, not at the first POST
     try:
-        app = create_app(store_url, ttl=ttl, latency_ms=latency_ms)
+        app = create_app(
+            store_url,
+            ttl=ttl,
+            latency_ms=latency_ms,
+            lease=lease,
+            transactional_completion=not no_transactional_completion,
+        )
     except ValueError as error:
         fail(str(error), EXIT_USAGE)
     print_banner(app.state.demo, f"http://{host}:{port}")
@@ -227,6 +264,7 @@ def print_banner(demo: Demo, base: str) -> None:
         ("API", f"{base}   (OpenAPI: {base}/openapi.json, try it: {base}/docs)"),
         *describe(demo),
         ("retention", f"{ttl} s{hours}: a key is free again after that"),
+        ("lease", f"{demo.lease:g} s: a crashed worker's requests run again after that"),
         ("latency", f"{demo.latency_ms} ms per mutating request"),
     ]
     echo = click.echo

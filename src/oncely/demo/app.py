@@ -6,18 +6,27 @@ The layers, outside in: `BearerAuth` (401 without a token, before any key is cla
 oncely's `IdempotencyMiddleware` (the default IETF policy; a POST needs a key), then
 FastAPI's routes. Every response that a handler produces, the bank's refusals included,
 is stored and replayed by oncely. See docs/demo.md.
+
+When the store is SQL, the money lives in the store's own database and the handlers
+complete the idempotency record inside the transaction that writes the money (SPEC §3,
+transactional completion; docs/transactional-completion.md): the response is rendered
+before the commit, stored by that commit, and the very same object is returned, so a
+crash at any instant leaves either nothing or the data and its response together.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import logging
-from collections.abc import AsyncIterator
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Generic, Literal, TypeVar
 from urllib.parse import quote, urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
@@ -26,9 +35,13 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
+from starlette.routing import Route
 
 from oncely._version import __version__
 from oncely.asgi import IdempotencyMiddleware
+from oncely.context import IdempotencyContext
+from oncely.core import problems as oncely_problems
+from oncely.core.events import EventSubscriber
 from oncely.core.keys import InvalidKey, parse_key
 from oncely.demo import DEFAULT_DATA_FILE, DEFAULT_STORE_URL, DEFAULT_TTL
 from oncely.demo.auth import BearerAuth, bearer_token, workspace_scope
@@ -43,27 +56,65 @@ from oncely.demo.repository import (
     Account,
     AccountNotFound,
     DemoError,
+    LeaseLost,
     PostgresRepository,
     Repository,
     SQLiteRepository,
     Transfer,
     TransferNotFound,
 )
+from oncely.instrumentation.logging import LoggingSubscriber
+from oncely.integrations.fastapi import IdempotencyContextDep
 from oncely.stores import SQLiteStore, Store, StoreError, store_from_url
+
+if TYPE_CHECKING:
+    from psycopg import AsyncConnection
+    from psycopg.rows import TupleRow
+
+T = TypeVar("T")
 
 logger = logging.getLogger("oncely.demo")
 
 DOCS_URL = "https://oncely.dev/docs/demo"
 SWEEP_INTERVAL = 60.0
+DEFAULT_LEASE = 30.0
 MAX_AMOUNT = 10**15  # minor units; far below the 64-bit integer limit of both databases
+
+# Test hooks, for tests/chaos/test_crash_exactly_once.py only: they widen and mark the
+# crash window between a transfer's commit and the moment its response reaches oncely.
+# Read once when the app is built; unset (the default) they cost nothing.
+AFTER_COMMIT_DELAY_ENV = "ONCELY_DEMO_AFTER_COMMIT_DELAY_MS"  # sleep this long after a commit
+COMMIT_MARKER_ENV = "ONCELY_DEMO_COMMIT_MARKER"  # append "<key>\n" to this file after a commit
 
 
 # configuration -----------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
+class CrashHooks:
+    """The test hooks (see AFTER_COMMIT_DELAY_ENV): a kill aimed at the crash window."""
+
+    after_commit_delay_ms: int = 0
+    commit_marker: Path | None = None
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> CrashHooks:
+        delay = environ.get(AFTER_COMMIT_DELAY_ENV, "").strip()
+        marker = environ.get(COMMIT_MARKER_ENV, "").strip()
+        return cls(int(delay) if delay else 0, Path(marker) if marker else None)
+
+    @property
+    def active(self) -> bool:
+        return self.after_commit_delay_ms > 0 or self.commit_marker is not None
+
+
+@dataclass(frozen=True, slots=True)
 class Demo:
-    """What the handlers share: the store, the bank's data, and the knobs."""
+    """What the handlers share: the store, the bank's data, and the knobs.
+
+    `transactional_completion` is what is in effect: asked for, and possible (the store
+    shares the data's database).
+    """
 
     store_url: str
     store: Store
@@ -71,6 +122,9 @@ class Demo:
     ttl: float
     latency_ms: int
     data_shares_store_database: bool
+    lease: float = DEFAULT_LEASE
+    transactional_completion: bool = False
+    hooks: CrashHooks = CrashHooks()
 
 
 def repository_for(store_url: str, store: Store) -> tuple[Repository, bool]:
@@ -106,7 +160,29 @@ def describe(demo: Demo) -> list[tuple[str, str]]:
         data_line = f"the store's own database, {tables}"
     else:
         data_line = f"{repository.description} ({tables}; the store is not SQL)"
-    return [("store", store_line), ("data", data_line)]
+    if demo.transactional_completion:
+        completion = (
+            "in the handler's transaction: the money and its idempotency record commit together"
+        )
+    elif demo.data_shares_store_database:
+        completion = (
+            "by oncely after the handler (--no-transactional-completion): a crash between "
+            "the commit and the completion lets a retry run the request again"
+        )
+    else:
+        completion = (
+            f"by oncely after the handler: the {store.name} store cannot share the data's "
+            "transaction, so transactional completion is off"
+        )
+    rows = [("store", store_line), ("data", data_line), ("completion", completion)]
+    hooks = demo.hooks
+    if hooks.active:
+        rows.append((
+            "test hooks",
+            f"{AFTER_COMMIT_DELAY_ENV}={hooks.after_commit_delay_ms} "
+            f"{COMMIT_MARKER_ENV}={hooks.commit_marker or ''}",
+        ))  # fmt: skip
+    return rows
 
 
 def operator_store_url(demo: Demo) -> str:
@@ -277,29 +353,122 @@ router = APIRouter(prefix="/v1")
 SLOW_BANK = [Depends(simulate_latency)]
 
 
+def created(document: BaseModel, location: str) -> Response:
+    """201 with `document` as JSON and a Location: the bytes FastAPI itself would send."""
+    response = Response(
+        document.model_dump_json().encode(), status_code=201, media_type="application/json"
+    )
+    response.headers["Location"] = location
+    return response
+
+
+def account_created(account: Account) -> Response:
+    return created(AccountOut.of(account), f"/v1/accounts/{account.id}")
+
+
+def transfer_created(transfer: Transfer) -> Response:
+    return created(TransferOut.of(transfer), f"/v1/transfers/{transfer.id}")
+
+
+class CompleteWith(Generic[T]):
+    """The repository's `InTransaction` hook, as the API fills it in: after the write and
+    before its commit, render the response from what was written and complete the
+    idempotency record with it on the repository's own connection. The commit then
+    stores the money and the response together; `response` is the object to return, so
+    the client receives exactly the bytes that were stored."""
+
+    def __init__(self, context: IdempotencyContext, render: Callable[[T], Response]) -> None:
+        self.context = context
+        self.render = render
+        self.response: Response | None = None
+
+    def sqlite(self, connection: sqlite3.Connection, result: T) -> bool:
+        self.response = self.render(result)
+        return self.context.complete_in_transaction_sync(connection, self.response)
+
+    async def postgres(self, connection: AsyncConnection[TupleRow], result: T) -> bool:
+        self.response = self.render(result)
+        return await self.context.complete_in_transaction(connection, self.response)
+
+
+def completion_for(
+    demo: Demo, context: IdempotencyContext | None, render: Callable[[T], Response]
+) -> CompleteWith[T] | None:
+    """Transactional completion when it is on and oncely guards this request."""
+    if context is None or not demo.transactional_completion:
+        return None
+    return CompleteWith(context, render)
+
+
+def respond(
+    completion: CompleteWith[T] | None, render: Callable[[T], Response], result: T
+) -> Response:
+    if completion is not None and completion.response is not None:
+        return completion.response  # the very object whose bytes were stored
+    return render(result)
+
+
+def taken_over(context: IdempotencyContext | None) -> Response:
+    """The record's lease was lost before our commit, so the write rolled back: another
+    worker has taken this request over and runs it. The answer is oncely's own
+    `request-in-progress` 409 with Retry-After: a retry gets that worker's response.
+    oncely cannot store it (the record is no longer ours), as it never stores its own
+    problems."""
+    assert context is not None  # only a completion can lose the lease
+    policy = context.policy
+    problem = dataclasses.replace(
+        oncely_problems.in_progress(policy, policy.in_flight_retry_after),
+        detail=(
+            "This request's Idempotency-Key was taken over by another worker while this one "
+            "was finishing, so nothing was written here. Retry after the time in "
+            "Retry-After to get that worker's response."
+        ),
+    )
+    rendered = oncely_problems.render(problem, policy, context.key)
+    response = Response(rendered.body, status_code=rendered.status)
+    response.raw_headers = list(rendered.headers)
+    return response
+
+
+async def after_commit(demo: Demo, key: str | None) -> None:
+    """The test hooks (AFTER_COMMIT_DELAY_ENV, COMMIT_MARKER_ENV): mark the commit, then
+    hold the response back, so that a test can kill the process inside the window."""
+    hooks = demo.hooks
+    if hooks.commit_marker is not None:
+        with hooks.commit_marker.open("a") as marker:  # a test hook: a tiny blocking write
+            marker.write(f"{key}\n")
+    if hooks.after_commit_delay_ms > 0:
+        await asyncio.sleep(hooks.after_commit_delay_ms / 1000)
+
+
 @router.post(
     "/accounts",
     status_code=201,
+    response_model=AccountOut,
     dependencies=SLOW_BANK,
     responses=problem_responses(400, 401, 409, 422),
 )
 async def create_account(
     body: NewAccount,
-    response: Response,
     demo: DemoDep,
     workspace: Workspace,
     idempotency_key: IdempotencyKeyHeader,
-) -> AccountOut:
+    context: IdempotencyContextDep,
+) -> Response:
     """Open an account with an opening balance."""
-    account = await demo.repository.create_account(
-        workspace,
-        name=body.name,
-        institution=body.institution,
-        balance=body.balance,
-        currency=body.currency,
-    )
-    response.headers["Location"] = f"/v1/accounts/{account.id}"
-    return AccountOut.of(account)
+    completion = completion_for(demo, context, account_created)
+    try:
+        account = await demo.repository.create_account(
+            workspace,
+            name=body.name,
+            institution=body.institution,
+            balance=body.balance,
+            currency=body.currency,
+            in_transaction=completion,
+        )
+    except LeaseLost:
+        return taken_over(context)
+    return respond(completion, account_created, account)
 
 
 @router.get("/accounts", responses=problem_responses(401))
@@ -335,30 +504,39 @@ async def list_account_transfers(
 @router.post(
     "/transfers",
     status_code=201,
+    response_model=TransferOut,
     dependencies=SLOW_BANK,
     responses=problem_responses(400, 401, 404, 409, 422),
 )
 async def create_transfer(
     body: NewTransfer,
-    response: Response,
     demo: DemoDep,
     workspace: Workspace,
     idempotency_key: IdempotencyKeyHeader,
-) -> TransferOut:
-    """Move money between two accounts of one currency: debit and credit commit together.
+    context: IdempotencyContextDep,
+) -> Response:
+    """Move money between two accounts of one currency: debit and credit commit together,
+    and with them the idempotency record holding this very response.
 
     404 `account-not-found`, 409 `insufficient-funds`, 422 `currency-mismatch` or
     `same-account`; like every response, they are replayed to a retry with the same key.
     """
-    transfer = await demo.repository.transfer(
-        workspace,
-        from_account=body.from_account,
-        to_account=body.to_account,
-        amount=body.amount,
-        idempotency_key=parsed_key(idempotency_key),
-    )
-    response.headers["Location"] = f"/v1/transfers/{transfer.id}"
-    return TransferOut.of(transfer)
+    key = parsed_key(idempotency_key)
+    completion = completion_for(demo, context, transfer_created)
+    try:
+        transfer = await demo.repository.transfer(
+            workspace,
+            from_account=body.from_account,
+            to_account=body.to_account,
+            amount=body.amount,
+            idempotency_key=key,
+            in_transaction=completion,
+        )
+    except LeaseLost:
+        return taken_over(context)
+    if demo.hooks.active:
+        await after_commit(demo, key)
+    return respond(completion, transfer_created, transfer)
 
 
 @router.get("/transfers/{transfer_id}", responses=problem_responses(401, 404))
@@ -438,6 +616,23 @@ async def _sweep(store: Store, interval: float) -> None:
                 logger.info("oncely demo: purged %d expired idempotency records", purged)
 
 
+def observability(app: FastAPI) -> list[EventSubscriber]:
+    """Structured logs always; Prometheus metrics at GET /metrics when prometheus-client
+    is installed. /metrics is outside /v1/, so it needs no token and claims no key."""
+    subscribers: list[EventSubscriber] = [LoggingSubscriber()]
+    try:
+        from prometheus_client import CollectorRegistry
+
+        from oncely.instrumentation.prometheus import PrometheusSubscriber
+    except ImportError:
+        logger.info("/metrics is off: pip install 'oncely[prometheus]' to serve it")
+        return subscribers
+    metrics = PrometheusSubscriber(CollectorRegistry())  # per app: tests build several
+    app.state.metrics = metrics
+    app.router.routes.append(Route("/metrics", metrics.asgi_app(), include_in_schema=False))
+    return [metrics, *subscribers]
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     demo: Demo = app.state.demo
@@ -457,14 +652,22 @@ def create_app(
     ttl: float = DEFAULT_TTL,
     latency_ms: int = 0,
     *,
+    lease: float = DEFAULT_LEASE,
+    transactional_completion: bool = True,
     sweep_interval: float = SWEEP_INTERVAL,
     docs_url: str | None = DOCS_URL,
+    hooks: CrashHooks | None = None,
 ) -> FastAPI:
     """The demo as an ASGI app. `store_url` is any URL `oncely.stores.store_from_url`
     takes; `ttl` is the key retention in seconds; `latency_ms` slows every mutating
-    handler down. Raises ValueError for a URL no store understands."""
+    handler down; `lease` is how long a claim lasts without renewal (a crashed worker's
+    requests run again after it). `transactional_completion` completes records in the
+    handlers' transactions where the store allows it (SQL stores). `hooks` defaults to
+    the test hooks in the environment. Raises ValueError for a URL no store understands."""
     if ttl <= 0:
         raise ValueError("ttl must be positive")
+    if lease <= 0:
+        raise ValueError("lease must be positive")
     store = store_from_url(store_url)
     repository, shared = repository_for(store_url, store)
     app = FastAPI(
@@ -479,7 +682,12 @@ def create_app(
         openapi_url="/openapi.json",
         lifespan=lifespan,
     )
-    app.state.demo = Demo(store_url, store, repository, float(ttl), latency_ms, shared)
+    app.state.demo = Demo(
+        store_url, store, repository, float(ttl), latency_ms, shared,
+        lease=float(lease),
+        transactional_completion=transactional_completion and shared,
+        hooks=CrashHooks.from_environment() if hooks is None else hooks,
+    )  # fmt: skip
     app.state.sweep_interval = sweep_interval
     app.include_router(router)
     app.add_api_route("/healthz", healthz, methods=["GET"], tags=["health"])
@@ -491,8 +699,10 @@ def create_app(
         IdempotencyMiddleware,
         store=store,
         retention=float(ttl),
+        lease=float(lease),
         require_key=frozenset({"POST"}),
         docs_url=docs_url,
+        event_subscribers=observability(app),
     )
     app.add_middleware(BearerAuth)
     return app

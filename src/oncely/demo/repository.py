@@ -11,8 +11,11 @@ Two implementations with the same behaviour:
   and checks the balance under that lock.
 
 The tables (`demo_accounts`, `demo_transfers`) live in the same database as the
-idempotency store whenever that store is SQL, so that a transfer and its idempotency
-record can later commit in one transaction (SPEC §3, transactional completion).
+idempotency store whenever that store is SQL, so that a write and its idempotency record
+commit in one transaction (SPEC §3, transactional completion): each write takes an
+optional `InTransaction`, which the repository calls after its writes and before its
+commit, on its own connection. The repository knows nothing of HTTP or of oncely; the
+API (`oncely.demo.app`) renders the response there and completes the record with it.
 
 Amounts are integers in minor units (cents); every account has one currency. Rows belong
 to a workspace (the hashed credential), and a workspace never sees another's rows.
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
 
 T = TypeVar("T")
+R_contra = TypeVar("R_contra", contravariant=True)
 
 ACCOUNTS = "demo_accounts"
 TRANSFERS = "demo_transfers"
@@ -100,6 +104,26 @@ class InvalidAmount(DemoError):
     pass
 
 
+class LeaseLost(Exception):
+    """`InTransaction` said the idempotency record is no longer ours (another worker took
+    the request over): the write was rolled back. Not a `DemoError`: the bank did not
+    refuse anything, the request is simply running elsewhere."""
+
+
+class InTransaction(Protocol[R_contra]):
+    """Called inside a write's transaction, after its writes and before its commit, on the
+    repository's own connection: the SQLite one (in the repository's worker thread, inside
+    its `BEGIN IMMEDIATE`) or the psycopg `AsyncConnection` (inside `conn.transaction()`).
+
+    Returns False to roll the write back (the repository then raises `LeaseLost`);
+    an exception rolls it back too and propagates.
+    """
+
+    def sqlite(self, connection: sqlite3.Connection, result: R_contra) -> bool: ...
+
+    async def postgres(self, connection: AsyncConnection[TupleRow], result: R_contra) -> bool: ...
+
+
 def new_account_id() -> str:
     return "acc_" + secrets.token_hex(12)
 
@@ -152,7 +176,14 @@ class Repository(Protocol):
         ...
 
     async def create_account(
-        self, workspace: str, *, name: str, institution: str, balance: int, currency: str
+        self,
+        workspace: str,
+        *,
+        name: str,
+        institution: str,
+        balance: int,
+        currency: str,
+        in_transaction: InTransaction[Account] | None = None,
     ) -> Account: ...
 
     async def get_account(self, workspace: str, account_id: str) -> Account | None: ...
@@ -169,9 +200,11 @@ class Repository(Protocol):
         to_account: str,
         amount: int,
         idempotency_key: str | None,
+        in_transaction: InTransaction[Transfer] | None = None,
     ) -> Transfer:
         """Debit and credit in one transaction. Raises a `DemoError` and changes nothing
-        when an account is unknown, the currencies differ or the funds are short."""
+        when an account is unknown, the currencies differ or the funds are short; raises
+        `LeaseLost` and changes nothing when `in_transaction` returned False."""
         ...
 
     async def get_transfer(self, workspace: str, transfer_id: str) -> Transfer | None: ...
@@ -271,7 +304,14 @@ class SQLiteRepository:
         await self._run(lambda db: None)
 
     async def create_account(
-        self, workspace: str, *, name: str, institution: str, balance: int, currency: str
+        self,
+        workspace: str,
+        *,
+        name: str,
+        institution: str,
+        balance: int,
+        currency: str,
+        in_transaction: InTransaction[Account] | None = None,
     ) -> Account:
         account = Account(new_account_id(), name, institution, balance, currency, time.time())
 
@@ -281,9 +321,12 @@ class SQLiteRepository:
                 " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (account.id, workspace, name, institution, balance, currency, account.created_at),
             )
+            _finish_sqlite(db, in_transaction, account)
             return account
 
-        return await self._run(insert)
+        if in_transaction is None:
+            return await self._run(insert)  # one statement: its own transaction
+        return await self._run(lambda db: self._write(db, insert))
 
     @staticmethod
     def _get_account(db: sqlite3.Connection, workspace: str, account_id: str) -> Account | None:
@@ -315,6 +358,7 @@ class SQLiteRepository:
         to_account: str,
         amount: int,
         idempotency_key: str | None,
+        in_transaction: InTransaction[Transfer] | None = None,
     ) -> Transfer:
         check_request(from_account, to_account, amount)
 
@@ -338,6 +382,7 @@ class SQLiteRepository:
                     transfer.currency, transfer.created_at, idempotency_key,
                 ),
             )  # fmt: skip
+            _finish_sqlite(db, in_transaction, transfer)
             return transfer
 
         return await self._run(lambda db: self._write(db, move))
@@ -382,6 +427,13 @@ class SQLiteRepository:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._close_connection)
         self._executor.shutdown(wait=False)
+
+
+def _finish_sqlite(
+    db: sqlite3.Connection, in_transaction: InTransaction[T] | None, result: T
+) -> None:
+    if in_transaction is not None and not in_transaction.sqlite(db, result):
+        raise LeaseLost("the idempotency record was taken over; the write was rolled back")
 
 
 # PostgreSQL --------------------------------------------------------------------------
@@ -524,14 +576,24 @@ class PostgresRepository:
         self._pool = pool
 
     async def create_account(
-        self, workspace: str, *, name: str, institution: str, balance: int, currency: str
+        self,
+        workspace: str,
+        *,
+        name: str,
+        institution: str,
+        balance: int,
+        currency: str,
+        in_transaction: InTransaction[Account] | None = None,
     ) -> Account:
         account = Account(new_account_id(), name, institution, balance, currency, time.time())
+        values = (account.id, workspace, name, institution, balance, currency, account.created_at)
         async with self._open_pool().connection() as conn:
-            await conn.execute(
-                self._sql.insert_account,
-                (account.id, workspace, name, institution, balance, currency, account.created_at),
-            )
+            if in_transaction is None:
+                await conn.execute(self._sql.insert_account, values)  # autocommit: one statement
+                return account
+            async with conn.transaction():
+                await conn.execute(self._sql.insert_account, values)
+                await _finish_postgres(conn, in_transaction, account)
         return account
 
     async def _get_account(
@@ -558,6 +620,7 @@ class PostgresRepository:
         to_account: str,
         amount: int,
         idempotency_key: str | None,
+        in_transaction: InTransaction[Transfer] | None = None,
     ) -> Transfer:
         check_request(from_account, to_account, amount)
         async with self._open_pool().connection() as conn, conn.transaction():
@@ -581,6 +644,7 @@ class PostgresRepository:
                     transfer.currency, transfer.created_at, idempotency_key,
                 ),
             )  # fmt: skip
+            await _finish_postgres(conn, in_transaction, transfer)
         return transfer
 
     async def get_transfer(self, workspace: str, transfer_id: str) -> Transfer | None:
@@ -606,3 +670,10 @@ class PostgresRepository:
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
+
+
+async def _finish_postgres(
+    conn: AsyncConnection[TupleRow], in_transaction: InTransaction[T] | None, result: T
+) -> None:
+    if in_transaction is not None and not await in_transaction.postgres(conn, result):
+        raise LeaseLost("the idempotency record was taken over; the write was rolled back")
