@@ -34,7 +34,7 @@ from rich.table import Table
 from oncely._version import __version__
 from oncely.core.records import Record, RecordState
 from oncely.demo import DEFAULT_STORE_URL, DEFAULT_TTL
-from oncely.stores import StoreError, store_from_url
+from oncely.stores import SQLiteStore, StoreError, store_from_url
 
 if TYPE_CHECKING:
     from oncely.demo.app import Demo
@@ -69,25 +69,36 @@ def redact(url: str) -> str:
 
 
 @contextlib.contextmanager
-def opened_store(url: str) -> Iterator[Store]:
+def opened_store(url: str, *, existing: bool = False) -> Iterator[Store]:
     """The store for `url`, closed afterwards; bad URLs and store failures become one
-    line and an exit code."""
+    line and an exit code. `existing`: an operator command that must not create the
+    store (no new SQLite file, no PostgreSQL table; `init-db` does that)."""
     quiet_driver_logs()
+    scheme = urlsplit(url).scheme.lower()
+    options: dict[str, object] = {}
+    if existing and scheme in ("postgresql", "postgres"):
+        options["create_schema"] = False
     try:
-        store = store_from_url(url)
+        store = store_from_url(url, **options)
     except ValueError as error:
         fail(str(error), EXIT_USAGE)
     except ImportError as error:
-        scheme = urlsplit(url).scheme or url
         extra = "postgres" if scheme.startswith("postgres") else "redis"
         fail(
             f"the {scheme} store needs an extra: pip install 'oncely[{extra}]' ({error})",
             EXIT_USAGE,
         )
+    if existing and isinstance(store, SQLiteStore) and not store.path.is_file():
+        fail(
+            f"store {redact(url)} does not exist (create it with: oncely init-db --store URL)",
+            EXIT_STORE,
+        )
     try:
         yield store
     except (StoreError, OSError) as error:
-        fail(f"store {redact(url)} failed: {error}", EXIT_STORE)
+        hint = " (create it with: oncely init-db --store URL)" if existing else ""
+        first_line = str(error).splitlines()[0] if str(error) else repr(error)
+        fail(f"store {redact(url)} failed: {first_line}{hint}", EXIT_STORE)
     finally:
         with contextlib.suppress(Exception):
             store.close()
@@ -379,7 +390,7 @@ def inspect(
 
         assert token is not None
         scope = workspace_scope(os.fsencode(token))
-    with opened_store(store_url) as store:
+    with opened_store(store_url, existing=True) as store:
         record = store.get_sync(scope, key)
     if record is None:
         if as_json:
@@ -404,7 +415,7 @@ def inspect(
 @json_option
 def stats(store_url: str, as_json: bool) -> None:
     """Count the store's records by state."""
-    with opened_store(store_url) as store:
+    with opened_store(store_url, existing=True) as store:
         counts = store.stats_sync()
     total = counts.in_flight + counts.completed + counts.expired
     if as_json:
@@ -437,7 +448,7 @@ def stats(store_url: str, as_json: bool) -> None:
 @json_option
 def purge(store_url: str, as_json: bool) -> None:
     """Delete expired records (SQL stores; Redis expires them by itself)."""
-    with opened_store(store_url) as store:
+    with opened_store(store_url, existing=True) as store:
         purged = store.purge_expired_sync()
         native = bool(getattr(store, "native_expiry", False))
     if as_json:

@@ -632,3 +632,15 @@ def test_help_lists_the_commands(tmp_path: Path) -> None:
     for command in ("demo", "inspect", "stats", "purge", "init-db"):
         assert command in result.stdout
     assert "bench" not in result.stdout
+
+
+def test_read_only_commands_never_create_a_store(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.db"
+    for command in (["stats"], ["purge"], ["inspect", "--workspace", "sk_test", "k"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "oncely.cli", *command, "--store", f"sqlite:///{missing}"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert result.returncode == 3, result.stderr
+        assert "does not exist" in result.stderr
+        assert not missing.exists()
