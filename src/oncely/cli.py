@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import click
 from rich.console import Console
@@ -35,6 +35,7 @@ from oncely._version import __version__
 from oncely.core.records import Record, RecordState
 from oncely.demo import DEFAULT_STORE_URL, DEFAULT_TTL
 from oncely.stores import SQLiteStore, StoreError, store_from_url
+from oncely.stores.urls import redact_url
 
 if TYPE_CHECKING:
     from oncely.demo.app import Demo
@@ -55,17 +56,6 @@ def fail(message: str, code: int) -> NoReturn:
     """One line on stderr and a non-zero exit; no traceback."""
     click.echo(f"oncely: error: {message}", err=True)
     sys.exit(code)
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for output and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    host = netloc[-1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 @contextlib.contextmanager
@@ -90,7 +80,7 @@ def opened_store(url: str, *, existing: bool = False) -> Iterator[Store]:
         )
     if existing and isinstance(store, SQLiteStore) and not store.path.is_file():
         fail(
-            f"store {redact(url)} does not exist (create it with: oncely init-db --store URL)",
+            f"store {redact_url(url)} does not exist (create it with: oncely init-db --store URL)",
             EXIT_STORE,
         )
     try:
@@ -98,7 +88,7 @@ def opened_store(url: str, *, existing: bool = False) -> Iterator[Store]:
     except (StoreError, OSError) as error:
         hint = " (create it with: oncely init-db --store URL)" if existing else ""
         first_line = str(error).splitlines()[0] if str(error) else repr(error)
-        fail(f"store {redact(url)} failed: {first_line}{hint}", EXIT_STORE)
+        fail(f"store {redact_url(url)} failed: {first_line}{hint}", EXIT_STORE)
     finally:
         with contextlib.suppress(Exception):
             store.close()
@@ -270,7 +260,7 @@ def print_banner(demo: Demo, base: str) -> None:
 
     ttl = int(demo.ttl)
     hours = f" ({ttl / 3600:g} h)" if ttl >= 3600 else ""
-    store_url = redact(operator_store_url(demo))
+    store_url = redact_url(operator_store_url(demo))
     rows = [
         ("API", f"{base}   (OpenAPI: {base}/openapi.json, try it: {base}/docs)"),
         *describe(demo),
@@ -421,7 +411,7 @@ def stats(store_url: str, as_json: bool) -> None:
     if as_json:
         print_json(
             {
-                "store": redact(store_url),
+                "store": redact_url(store_url),
                 "in_flight": counts.in_flight,
                 "completed": counts.completed,
                 "expired": counts.expired,
@@ -430,7 +420,7 @@ def stats(store_url: str, as_json: bool) -> None:
             }
         )
         return
-    table = Table(title=f"oncely records in {redact(store_url)}", title_justify="left")
+    table = Table(title=f"oncely records in {redact_url(store_url)}", title_justify="left")
     table.add_column("state")
     table.add_column("records", justify="right")
     table.add_row("in flight", str(counts.in_flight))
@@ -452,7 +442,7 @@ def purge(store_url: str, as_json: bool) -> None:
         purged = store.purge_expired_sync()
         native = bool(getattr(store, "native_expiry", False))
     if as_json:
-        print_json({"store": redact(store_url), "purged": purged, "native_expiry": native})
+        print_json({"store": redact_url(store_url), "purged": purged, "native_expiry": native})
         return
     click.echo(f"Purged {purged} expired record{'s' if purged != 1 else ''}.")
     if native:
@@ -470,9 +460,9 @@ def init_db(store_url: str, as_json: bool) -> None:
         else:
             store.get_sync("oncely-init-db", "probe")  # SQLite creates its table on connect
     if as_json:
-        print_json({"store": redact(store_url), "ready": True})
+        print_json({"store": redact_url(store_url), "ready": True})
     else:
-        click.echo(f"The store is ready: {redact(store_url)}")
+        click.echo(f"The store is ready: {redact_url(store_url)}")
 
 
 if __name__ == "__main__":

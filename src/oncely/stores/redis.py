@@ -59,6 +59,7 @@ from oncely.core.records import (
     encode_response,
 )
 from oncely.stores.base import POLL_FIRST_DELAY, POLL_MAX_DELAY, StoreError, StoreStats
+from oncely.stores.urls import redact_url
 
 T = TypeVar("T")
 
@@ -182,14 +183,6 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
-def _without_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc=f"{parts.username or ''}:***@{netloc}").geturl()
-
-
 def _command(client: SyncClient) -> Callable[..., Any]:
     """`execute_command`, which redis-py leaves untyped."""
     execute: Callable[..., Any] = client.execute_command
@@ -291,7 +284,7 @@ class RedisStore:
         self._publish = "SPUBLISH" if self._cluster else "PUBLISH"
         self._match = _glob_escape(prefix) + ":{*}"
         self._where = (
-            _without_password(url_or_client)
+            redact_url(url_or_client)
             if isinstance(url_or_client, str)
             else type(url_or_client).__name__
         )

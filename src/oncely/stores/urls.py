@@ -48,3 +48,12 @@ def store_from_url(url: str, **options: Any) -> Store:
 
         return PostgresStore(url, **options)
     raise ValueError(f"unknown store URL {url!r}; expected one of: {', '.join(SCHEMES)}")
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password masked, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
