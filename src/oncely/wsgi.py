@@ -6,6 +6,11 @@ A native sync path: the store's `*_sync` operations, no event loop anywhere. The
 `oncely.core` functions decide; this module only moves bytes between WSGI and them.
 The sync helpers here (`check_in`, `Settlement`, `CapturedStream`, the lease keeper) are
 shared with the Django middleware in `oncely.integrations.django`.
+
+Every guarded request that runs its handler finds its `IdempotencyContext` at
+`environ["oncely.context"]` (`oncely.idempotency_context(environ)`), for transactional
+completion (SPEC §3): a record the handler's own transaction completed is not written
+again, and its refused lease renewal is no lost lease.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Unpack
 
+from oncely.context import CONTEXT_KEY, IdempotencyContext
 from oncely.core import problems
 from oncely.core.decisions import Claimed, ClaimResult, Outcome, decide
 from oncely.core.events import EventKind, IdempotencyEvent, emit, hash_key
@@ -53,8 +59,6 @@ logger = logging.getLogger("oncely")
 
 # The app-side tenant: an outer auth middleware may set environ["oncely.scope"] = "<tenant>".
 SCOPE_KEY = "oncely.scope"
-# Outcomes after which the handler runs.
-_RUN = frozenset({Outcome.EXECUTE, Outcome.TAKE_OVER})
 _READ_SIZE = 64 * 1024
 
 RouteResolver = Callable[[Mapping[str, Any]], RouteOptions | None]
@@ -144,12 +148,14 @@ class IdempotencyMiddleware:
     def _execute(
         self,
         guard: Guard,
-        token: str,
+        claimed: Claimed,
         method: str,
         environ: WSGIEnvironment,
         start_response: StartResponse,
     ) -> Iterable[bytes]:
-        settlement = Settlement(self.store, self.policy, guard, token, method)
+        context = new_context(self.store, self.policy, guard, claimed)
+        environ[CONTEXT_KEY] = context
+        settlement = Settlement(self.store, self.policy, guard, context, method)
         stream = WSGIStream(settlement, start_response)
         try:
             stream.source = self.app(environ, stream.start_response)
@@ -165,16 +171,16 @@ class IdempotencyMiddleware:
 
 def check_in(
     store: SyncStore, policy: IdempotencyPolicy, guard: Guard, fingerprint: str, method: str
-) -> str | RenderedResponse | None:
+) -> Claimed | RenderedResponse | None:
     """Claim (scope, key) and decide, before the handler (SPEC §3, §4).
 
-    Returns the lease token when the handler must run; the answer to send instead (a
-    replay or a problem, including 503 when the store fails); or None when the store
-    failed and `fail_open` says run the handler unguarded.
+    Returns the claim (lease token, attempt, took over?) when the handler must run; the
+    answer to send instead (a replay or a problem, including 503 when the store fails);
+    or None when the store failed and `fail_open` says run the handler unguarded.
     """
     started = time.perf_counter()
     try:
-        token, result, outcome = claim_and_decide(store, policy, guard, fingerprint)
+        _, result, outcome = claim_and_decide(store, policy, guard, fingerprint)
     except StoreError as error:
         logger.error("oncely store %s failed at claim: %s", store.name, error)
         request_event(policy, store, method, guard, EventKind.STORE_ERROR, detail="claim")
@@ -187,9 +193,18 @@ def check_in(
             duration=time.perf_counter() - started,
             attempt=result.attempt if isinstance(result, Claimed) else result.record.attempts,
         )  # fmt: skip
-    if outcome in _RUN:
-        return token
+    if isinstance(result, Claimed):  # EXECUTE or TAKE_OVER: the handler runs
+        return result
     return answer(policy, guard.key, result, outcome)
+
+
+def new_context(
+    store: SyncStore, policy: IdempotencyPolicy, guard: Guard, claimed: Claimed
+) -> IdempotencyContext:
+    """The handler's view of its claim (for transactional completion)."""
+    return IdempotencyContext(
+        guard.key, guard.scope, claimed.token, claimed.attempt, claimed.took_over, store, policy
+    )
 
 
 def claim_and_decide(
@@ -248,22 +263,34 @@ def reject_event(policy: IdempotencyPolicy, store: SyncStore, method: str, statu
 
 class Settlement:
     """One claim on its way to completion: captures the response, keeps the lease
-    alive while the handler works, and completes or releases exactly once."""
+    alive while the handler works, and completes or releases exactly once.
+
+    The handler may have completed the record in its own transaction (its `context`
+    says so): the fenced completion then finds nothing to do, and that is no lost lease.
+    """
 
     __slots__ = (
-        "__weakref__", "_lease", "capture", "guard", "method", "policy", "settled", "started",
-        "store", "token",
+        "__weakref__", "_lease", "capture", "context", "guard", "method", "policy", "settled",
+        "started", "store", "token",
     )  # fmt: skip
 
     def __init__(
-        self, store: SyncStore, policy: IdempotencyPolicy, guard: Guard, token: str, method: str
+        self,
+        store: SyncStore,
+        policy: IdempotencyPolicy,
+        guard: Guard,
+        context: IdempotencyContext,
+        method: str,
     ) -> None:
-        self.store, self.policy, self.guard, self.token = store, policy, guard, token
+        self.store, self.policy, self.guard = store, policy, guard
+        self.context, self.token = context, context.token
         self.method = method
         self.capture = ResponseCapture(policy)
         self.settled = False
         self.started = time.perf_counter()
-        self._lease = lease_keeper().hold(store, guard.scope, guard.key, token, policy.lease, self)
+        self._lease = lease_keeper().hold(
+            store, guard.scope, guard.key, self.token, policy.lease, self
+        )
 
     def settle(self, response: StoredResponse | None) -> None:
         """Complete with `response` (release when None), fenced by the lease token."""
@@ -271,16 +298,26 @@ class Settlement:
             return
         self.settled = True
         self._lease.drop()
-        store, guard = self.store, self.guard
+        store, guard, context = self.store, self.guard, self.context
         handler_duration = time.perf_counter() - self.started
         try:
-            if response is None:
+            if context.lease_lost:
+                # The handler's completion was refused (or it raised LeaseLost): the
+                # record is another worker's. Store nothing; the release is fenced.
+                released = store.release_sync(guard.scope, guard.key, self.token)
+                kind = EventKind.RELEASED if released else EventKind.LEASE_LOST
+                response = None
+            elif response is None:
                 store.release_sync(guard.scope, guard.key, self.token)
                 kind = EventKind.RELEASED
             elif store.complete_sync(guard.scope, guard.key, self.token, response):
                 kind = EventKind.STORED
+            elif context.completed_in_transaction:
+                kind = EventKind.STORED  # the handler's own transaction stored it
+                self._check_sent_what_was_stored(response)
             else:
                 kind = EventKind.LEASE_LOST
+            if kind is EventKind.LEASE_LOST:
                 logger.warning(
                     "oncely: lease lost before completion; the record was taken over "
                     "(key hash %s)", hash_key(guard.key),
@@ -300,8 +337,26 @@ class Settlement:
                 detail="completion" if kind is EventKind.STORE_ERROR else None,
             )  # fmt: skip
 
+    def _check_sent_what_was_stored(self, sent: StoredResponse) -> None:
+        """One comparison: something between the handler and oncely (a middleware below
+        it, an after-request hook) changed the response after the record was stored."""
+        stored = self.context.stored
+        if stored is not None and stored != sent:
+            logger.warning(
+                "oncely: the response sent differs from the one the handler's transaction "
+                "stored (key hash %s; status %s vs %s): a replay will send the stored one. "
+                "Make oncely's middleware the innermost, next to the handler",
+                hash_key(self.guard.key), sent.status, stored.status,
+            )  # fmt: skip
+
     def lease_lost(self) -> None:
-        """The keeper's renewal was refused: another worker took the request over."""
+        """The keeper's renewal was refused: another worker took the request over, unless
+        the handler's own transaction completed the record (then nothing was lost)."""
+        if self.context.completed_in_transaction:
+            return
+        logger.warning(
+            "oncely: lease lost while the handler ran (key hash %s)", hash_key(self.guard.key)
+        )
         request_event(
             self.policy, self.store, self.method, self.guard, EventKind.LEASE_LOST,
             detail="renewal",
@@ -620,13 +675,14 @@ class LeaseKeeper:
         if not entry.alive:
             return  # settled meanwhile: a refused renewal means nothing
         if not renewed:
-            logger.warning(
-                "oncely: lease lost while the handler ran (key hash %s)", hash_key(entry.key)
-            )
+            entry.drop()
             owner = entry.owner()
             if isinstance(owner, Settlement):
-                owner.lease_lost()
-            entry.drop()
+                owner.lease_lost()  # it reports, or knows that nothing was lost
+            else:
+                logger.warning(
+                    "oncely: lease lost while the handler ran (key hash %s)", hash_key(entry.key)
+                )
             return
         with self._condition:
             heapq.heappush(

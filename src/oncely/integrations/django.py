@@ -21,21 +21,53 @@ this middleware); else the hashed credential headers, as everywhere in oncely.
 The middleware is synchronous (a native sync path over the store's `*_sync` methods).
 Under Django's ASGI handler it runs in a worker thread; ASGI deployments can also put
 `oncely.asgi.IdempotencyMiddleware` around the Django ASGI application instead.
+
+Transactional completion (SPEC §3): a view whose data lives in the store's database
+(the same SQLite file, the same PostgreSQL database) completes the record on Django's
+own connection, inside its `transaction.atomic()`:
+
+    with transaction.atomic():
+        transfer = Transfer.objects.create(...)
+        response = JsonResponse({"id": transfer.pk}, status=201)
+        if not complete_in_transaction(request, response):
+            raise LeaseLost  # rolls back; the middleware answers 409, stores nothing
+    return response
+
+Each guarded request carries its `IdempotencyContext` as `request.oncely` and at
+`request.META["oncely.context"]`. Views that complete in their transaction need
+oncely's middleware to be the last (innermost) entry of MIDDLEWARE: a middleware below
+it that changes the response would make the client's answer differ from the record
+(oncely logs a warning when it sees that).
 """
 
 from __future__ import annotations
 
+import getpass
+import os
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.db import DEFAULT_DB_ALIAS, connections
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.transaction import TransactionManagementError
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 from django.urls import Resolver404, resolve
 
+from oncely.context import (
+    CONTEXT_KEY,
+    LeaseLost,
+    TransactionalCompletionUnsupported,
+    idempotency_context,
+)
 from oncely.core import problems
+from oncely.core.decisions import Claimed
 from oncely.core.exchange import Guard, PassThrough, Reject, admit, fingerprint_of
 from oncely.core.policy import RouteOptions
 from oncely.core.problems import RenderedResponse
+from oncely.core.records import StoredResponse
 from oncely.integrations import build_policy, build_store
 from oncely.markers import exempt, idempotent, marker_of
 from oncely.wsgi import (
@@ -45,6 +77,7 @@ from oncely.wsgi import (
     check_in,
     decode_headers,
     environ_headers,
+    new_context,
     reject_event,
 )
 
@@ -55,7 +88,8 @@ class IdempotencyMiddleware:
     """Runs each (tenant, Idempotency-Key) once; later requests get the first response.
 
     The record is claimed before the view runs and completed before the response
-    leaves: at once for an `HttpResponse`, before the last chunk for a streaming one.
+    leaves: at once for an `HttpResponse`, before the last chunk for a streaming one;
+    or by the view's own transaction (`complete_in_transaction`).
     """
 
     sync_capable = True
@@ -151,9 +185,12 @@ class IdempotencyMiddleware:
     # the response ----------------------------------------------------------------------
 
     def _execute(
-        self, guard: Guard, token: str, method: str, request: HttpRequest
+        self, guard: Guard, claimed: Claimed, method: str, request: HttpRequest
     ) -> HttpResponseBase:
-        settlement = Settlement(self.store, self.policy, guard, token, method)
+        context = new_context(self.store, self.policy, guard, claimed)
+        request.META[CONTEXT_KEY] = context
+        setattr(request, "oncely", context)  # noqa: B010 - HttpRequest declares no such field
+        settlement = Settlement(self.store, self.policy, guard, context, method)
         try:
             # Django turns a view's exception into a 500 response below this point;
             # one only reaches here with DEBUG_PROPAGATE_EXCEPTIONS.
@@ -169,6 +206,144 @@ class IdempotencyMiddleware:
                 settlement.capture.body(response.content)
             settlement.settle_captured()
         return response
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
+        """A view raised `LeaseLost`: its transaction rolled back, the request belongs to
+        the worker that took it over. Answer 409 request-in-progress; nothing is stored."""
+        if not isinstance(exception, LeaseLost):
+            return None
+        context = idempotency_context(request)
+        if context is not None:
+            context.lease_lost = True
+        policy = self.policy
+        problem = problems.in_progress(policy, policy.in_flight_retry_after)
+        return to_django(problems.render(problem, policy, context.key if context else None))
+
+
+# transactional completion ---------------------------------------------------------------
+
+
+def complete_in_transaction(
+    request: HttpRequest, response: HttpResponse, using: str = DEFAULT_DB_ALIAS
+) -> bool:
+    """Complete the request's record with `response` on Django's connection `using`,
+    inside the open `transaction.atomic(using=using)` block: the record commits or rolls
+    back with the view's writes (SPEC §3, transactional completion).
+
+    Returns False when the lease was lost (another worker took the request over): then
+    raise `LeaseLost` inside the atomic block, so that it rolls back. Returns True when
+    the record was completed, and when oncely does not guard this request (nothing to
+    complete). Raises `TransactionalCompletionUnsupported` when the store is not on this
+    database (memory, Redis, another SQLite file or PostgreSQL database).
+    """
+    context = idempotency_context(request)
+    if context is None:
+        return True
+    if not isinstance(response, HttpResponse):
+        raise TypeError(
+            "complete_in_transaction needs a rendered HttpResponse; a streaming response "
+            "is completed by the middleware, after it has been sent"
+        )
+    connection = connections[using]
+    if not connection.in_atomic_block:
+        raise TransactionManagementError(
+            f"oncely: call complete_in_transaction inside transaction.atomic(using={using!r})"
+        )
+    connection.validate_no_broken_transaction()
+    raw = shared_connection(context.store, connection)
+    stored = StoredResponse(
+        response.status_code, tuple(response_headers(response)), response.content
+    )
+    return context.complete_in_transaction_sync(raw, stored)
+
+
+def shared_connection(store: Any, connection: BaseDatabaseWrapper) -> Any:
+    """The DB-API connection under Django's `connection`, once it is certain to reach the
+    store's database (its SQLite file, its PostgreSQL database on the same server)."""
+    name = getattr(store, "name", type(store).__name__)
+    if getattr(store, "complete_in_transaction_sync", None) is None:
+        raise TransactionalCompletionUnsupported(
+            f"the {name} store cannot complete inside Django's transaction; use SQLiteStore "
+            "or PostgresStore on the database of DATABASES"
+        )
+    alias, vendor = connection.alias, connection.vendor
+    connection.ensure_connection()
+    raw = connection.connection
+    if vendor == "sqlite" and name == "sqlite":
+        _check_same_file(store, connection)
+        return raw
+    if vendor == "postgresql" and name == "postgres":
+        import psycopg
+
+        if not isinstance(raw, psycopg.Connection):
+            raise TransactionalCompletionUnsupported(
+                f"Django's database {alias!r} uses psycopg2; transactional completion needs "
+                "psycopg 3 (pip install 'psycopg[binary]')"
+            )
+        _check_same_postgres(store, connection, raw)
+        return raw
+    raise TransactionalCompletionUnsupported(
+        f"Django's database {alias!r} is {vendor}, the store is {name}: transactional "
+        "completion needs the store on the same database"
+    )
+
+
+def _check_same_file(store: Any, connection: BaseDatabaseWrapper) -> None:
+    name = str(connection.settings_dict["NAME"])
+    in_memory = name == ":memory:" or "mode=memory" in name
+    if name.startswith("file:"):  # a URI filename (Django opens SQLite with uri=True)
+        name = unquote(urlsplit(name).path)
+    ours = os.path.realpath(str(store.path))
+    theirs = os.path.realpath(name)
+    same = not in_memory and (
+        ours == theirs
+        or (os.path.exists(ours) and os.path.exists(theirs) and os.path.samefile(ours, theirs))
+    )
+    if not same:
+        raise TransactionalCompletionUnsupported(
+            f"Django's database {connection.alias!r} is the SQLite file {theirs}, the store's "
+            f"is {ours}: transactional completion needs the same file"
+        )
+
+
+_LOCAL_HOSTS = frozenset({"", "localhost", "127.0.0.1", "::1"})
+
+
+def _check_same_postgres(store: Any, connection: BaseDatabaseWrapper, raw: Any) -> None:
+    """Compare what Django's connection reached (dbname, host, port) with the store's
+    conninfo, libpq defaults filled in. Loopback names and local sockets count as one
+    host: this guards against a configuration mistake, not an adversary."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    info = raw.info
+    theirs = (str(info.dbname), _host(str(info.host)), str(info.port))
+    params: dict[str, Any] = dict(conninfo_to_dict(_store_conninfo(store)))
+    user = params.get("user") or os.environ.get("PGUSER") or getpass.getuser()
+    dbname = str(params.get("dbname") or os.environ.get("PGDATABASE") or user)
+    port = str(params.get("port") or os.environ.get("PGPORT") or "5432")
+    hosts = str(params.get("host") or os.environ.get("PGHOST") or "").split(",")
+    ports = port.split(",")
+    candidates = {
+        (dbname, _host(host), ports[index] if index < len(ports) else ports[-1])
+        for index, host in enumerate(hosts)
+    }
+    if theirs not in candidates:
+        ours = ", ".join(f"{d} on {h}:{p}" for d, h, p in sorted(candidates))
+        raise TransactionalCompletionUnsupported(
+            f"Django's database {connection.alias!r} is {theirs[0]} on {theirs[1]}:{theirs[2]}, "
+            f"the store's is {ours}: transactional completion needs the same database"
+        )
+
+
+def _store_conninfo(store: Any) -> str:
+    conninfo = getattr(store, "conninfo", None)
+    if not isinstance(conninfo, str):
+        raise TransactionalCompletionUnsupported("oncely: the store's conninfo is unknown")
+    return conninfo
+
+
+def _host(host: str) -> str:
+    return "localhost" if host in _LOCAL_HOSTS or host.startswith("/") else host.lower()
 
 
 def _capture_stream(response: StreamingHttpResponse, settlement: Settlement) -> None:
@@ -231,4 +406,11 @@ def to_django(rendered: RenderedResponse) -> HttpResponse:
     return response
 
 
-__all__ = ["IdempotencyMiddleware", "exempt", "idempotent"]
+__all__ = [
+    "IdempotencyMiddleware",
+    "LeaseLost",
+    "TransactionalCompletionUnsupported",
+    "complete_in_transaction",
+    "exempt",
+    "idempotent",
+]

@@ -471,6 +471,11 @@ class PostgresStore:
     def __repr__(self) -> str:
         return f"PostgresStore(table={self.sql.table})"
 
+    @property
+    def conninfo(self) -> str:
+        """The connection string the store connects with (for same-database checks)."""
+        return self._conninfo
+
     def _error(self, operation: str, exc: Exception) -> StoreError:
         return StoreError(f"postgres store {self.sql.table}: {operation} failed: {exc}")
 
