@@ -1,0 +1,1 @@
+"""The apps under test: the same small POST handler, bare or behind a middleware."""
