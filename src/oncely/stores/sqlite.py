@@ -8,12 +8,13 @@ one dedicated thread so the event loop never blocks on the file lock or an fsync
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -133,7 +134,7 @@ class SQLiteStore:
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self._schema_ready = False
-        self._executor: ThreadPoolExecutor | None = None
+        self._committer: GroupCommitter | None = None
 
     # connections ------------------------------------------------------------------
 
@@ -173,39 +174,36 @@ class SQLiteStore:
     def claim_sync(
         self, scope: str, key: str, fingerprint: str, token: str, *, lease: float, retention: float
     ) -> ClaimResult:
-        def claim(db: sqlite3.Connection) -> ClaimResult:
-            db.execute("BEGIN IMMEDIATE")  # takes the write lock: the claim is atomic
-            try:
-                now = self._clock()
-                row = db.execute(SELECT_RECORD, (scope, key)).fetchone()
-                existing = record_from_row(row) if row is not None else None
-                transition = claim_transition(existing, fingerprint, now)
-                result: ClaimResult
-                if transition is ClaimTransition.INSERT:
-                    db.execute(
-                        UPSERT_CLAIM,
-                        (scope, key, fingerprint, token, now, now + retention, now + lease),
-                    )
-                    result = Claimed(token, 1)
-                elif transition is ClaimTransition.TAKE_OVER:
-                    assert existing is not None
-                    db.execute(TAKE_OVER, (token, now + lease, scope, key))
-                    result = Claimed(token, existing.attempts + 1, took_over=True)
-                else:
-                    assert existing is not None
-                    result = Existing(existing, now)
-                db.execute("COMMIT")
-                return result
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+        claim = self._claim_op(scope, key, fingerprint, token, lease, retention)
+        return self._run(lambda db: _in_transaction(db, claim))
 
-        return self._run(claim)
+    def _claim_op(
+        self, scope: str, key: str, fingerprint: str, token: str, lease: float, retention: float
+    ) -> Operation[ClaimResult]:
+        """The claim, to run inside an IMMEDIATE transaction (it holds the write lock,
+        so the read and the write are one atomic step across processes)."""
+
+        def claim(db: sqlite3.Connection) -> ClaimResult:
+            now = self._clock()
+            row = db.execute(SELECT_RECORD, (scope, key)).fetchone()
+            existing = record_from_row(row) if row is not None else None
+            transition = claim_transition(existing, fingerprint, now)
+            if transition is ClaimTransition.INSERT:
+                db.execute(
+                    UPSERT_CLAIM,
+                    (scope, key, fingerprint, token, now, now + retention, now + lease),
+                )
+                return Claimed(token, 1)
+            assert existing is not None
+            if transition is ClaimTransition.TAKE_OVER:
+                db.execute(TAKE_OVER, (token, now + lease, scope, key))
+                return Claimed(token, existing.attempts + 1, took_over=True)
+            return Existing(existing, now)
+
+        return claim
 
     def complete_sync(self, scope: str, key: str, token: str, response: StoredResponse) -> bool:
-        blob = encode_response(response)
-        return self._run(lambda db: db.execute(COMPLETE, (blob, scope, key, token)).rowcount == 1)
+        return self._run(_complete_op(scope, key, token, response))
 
     def complete_in_transaction_sync(
         self,
@@ -224,23 +222,29 @@ class SQLiteStore:
         return connection.execute(COMPLETE, (blob, scope, key, token)).rowcount == 1
 
     def release_sync(self, scope: str, key: str, token: str) -> bool:
-        return self._run(lambda db: db.execute(RELEASE, (scope, key, token)).rowcount == 1)
+        return self._run(_release_op(scope, key, token))
 
     def renew_sync(self, scope: str, key: str, token: str, *, lease: float) -> bool:
+        return self._run(self._renew_op(scope, key, token, lease))
+
+    def _renew_op(self, scope: str, key: str, token: str, lease: float) -> Operation[bool]:
         def renew(db: sqlite3.Connection) -> bool:
             now = self._clock()
             return db.execute(RENEW, (now + lease, scope, key, token, now)).rowcount == 1
 
-        return self._run(renew)
+        return renew
 
     def get_sync(self, scope: str, key: str) -> Record | None:
+        return self._run(self._get_op(scope, key))
+
+    def _get_op(self, scope: str, key: str) -> Operation[Record | None]:
         def get(db: sqlite3.Connection) -> Record | None:
             row = db.execute(SELECT_RECORD, (scope, key)).fetchone()
             if row is None or row[7] <= self._clock():
                 return None
             return record_from_row(row)
 
-        return self._run(get)
+        return get
 
     def wait_sync(self, scope: str, key: str, timeout: float) -> Record | None:
         return poll_until_settled_sync(lambda: self.get_sync(scope, key), timeout)
@@ -277,46 +281,163 @@ class SQLiteStore:
                 connection.close()
             self._connections.clear()
         self._local = threading.local()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
-            self._executor = None
+        if self._committer is not None:
+            self._committer.stop()
+            self._committer = None
 
-    # async methods: the same work on the store's own thread --------------------------
+    # async methods: the same operations, group-committed on the store's own thread ---
 
-    async def _in_thread(self, function: Callable[[], T]) -> T:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="oncely-sqlite")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function)
+    def _submit(self, operation: Operation[T]) -> asyncio.Future[T]:
+        committer = self._committer
+        if committer is None or committer.pid != os.getpid():  # new, or forked
+            committer = self._committer = GroupCommitter(self)
+        return committer.submit(operation)
 
     async def claim(
         self, scope: str, key: str, fingerprint: str, token: str, *, lease: float, retention: float
     ) -> ClaimResult:
-        return await self._in_thread(
-            lambda: self.claim_sync(
-                scope, key, fingerprint, token, lease=lease, retention=retention
-            )
-        )
+        return await self._submit(self._claim_op(scope, key, fingerprint, token, lease, retention))
 
     async def complete(self, scope: str, key: str, token: str, response: StoredResponse) -> bool:
-        return await self._in_thread(lambda: self.complete_sync(scope, key, token, response))
+        return await self._submit(_complete_op(scope, key, token, response))
 
     async def release(self, scope: str, key: str, token: str) -> bool:
-        return await self._in_thread(lambda: self.release_sync(scope, key, token))
+        return await self._submit(_release_op(scope, key, token))
 
     async def renew(self, scope: str, key: str, token: str, *, lease: float) -> bool:
-        return await self._in_thread(lambda: self.renew_sync(scope, key, token, lease=lease))
+        return await self._submit(self._renew_op(scope, key, token, lease))
 
     async def get(self, scope: str, key: str) -> Record | None:
-        return await self._in_thread(lambda: self.get_sync(scope, key))
+        return await self._submit(self._get_op(scope, key))
 
     async def wait(self, scope: str, key: str, timeout: float) -> Record | None:
         return await poll_until_settled(lambda: self.get(scope, key), timeout)
 
     async def purge_expired(self) -> int:
-        return await self._in_thread(self.purge_expired_sync)
+        return await asyncio.to_thread(self.purge_expired_sync)
 
     async def stats(self) -> StoreStats:
-        return await self._in_thread(self.stats_sync)
+        return await asyncio.to_thread(self.stats_sync)
 
     async def aclose(self) -> None:
         self.close()
+
+
+Operation = Callable[[sqlite3.Connection], T]
+MAX_BATCH = 256  # operations per group commit: bounds how long the write lock is held
+
+
+def _in_transaction(db: sqlite3.Connection, operation: Operation[T]) -> T:
+    db.execute("BEGIN IMMEDIATE")  # takes the write lock
+    try:
+        result = operation(db)
+        db.execute("COMMIT")
+        return result
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def _complete_op(scope: str, key: str, token: str, response: StoredResponse) -> Operation[bool]:
+    blob = encode_response(response)
+    return lambda db: db.execute(COMPLETE, (blob, scope, key, token)).rowcount == 1
+
+
+def _release_op(scope: str, key: str, token: str) -> Operation[bool]:
+    return lambda db: db.execute(RELEASE, (scope, key, token)).rowcount == 1
+
+
+Outcome = tuple["asyncio.Future[Any]", bool, Any]
+
+
+class GroupCommitter:
+    """The async path's one thread: it runs every pending operation in one IMMEDIATE
+    transaction and commits once, so concurrent requests share one fsync instead of
+    paying one each. Each result is handed back only after the commit (durable), and
+    through the waiting future's own event loop."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.pid = os.getpid()
+        self._store = store
+        self._queue: queue.SimpleQueue[tuple[Operation[Any], asyncio.Future[Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._serve, name="oncely-sqlite", daemon=True)
+        self._thread.start()
+
+    def submit(self, operation: Operation[T]) -> asyncio.Future[T]:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put((operation, future))
+        return future
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def _serve(self) -> None:
+        db: sqlite3.Connection | None = None
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            if item is None:
+                break
+            batch = [item]
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            try:
+                if db is None:
+                    db = self._store.connect()
+                outcomes = _commit(db, batch)
+            except sqlite3.Error as exc:
+                error = StoreError(f"sqlite store {self._store.path}: {exc}")
+                outcomes = [(future, False, error) for _, future in batch]
+            _deliver(outcomes)
+        if db is not None:
+            db.close()
+
+
+def _commit(
+    db: sqlite3.Connection, batch: list[tuple[Operation[Any], asyncio.Future[Any]]]
+) -> list[Outcome]:
+    outcomes: list[Outcome] = []
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for operation, future in batch:
+            try:
+                outcomes.append((future, True, operation(db)))
+            except RecordFormatError as exc:  # one bad record fails its own request only
+                outcomes.append((future, False, StoreError(f"sqlite store: {exc}")))
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return outcomes
+
+
+def _deliver(outcomes: list[Outcome]) -> None:
+    by_loop: dict[asyncio.AbstractEventLoop, list[Outcome]] = {}
+    for outcome in outcomes:
+        by_loop.setdefault(outcome[0].get_loop(), []).append(outcome)
+    for loop, items in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits
+            loop.call_soon_threadsafe(_resolve, items)
+
+
+def _resolve(outcomes: list[Outcome]) -> None:
+    for future, succeeded, value in outcomes:
+        if future.done():  # the request was cancelled meanwhile
+            continue
+        if succeeded:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
