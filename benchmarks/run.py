@@ -54,7 +54,7 @@ SERVER_START_TIMEOUT = 180.0  # a memory store preloaded with 1M records takes a
 @dataclass(frozen=True)
 class Variant:
     framework: str  # fastapi | starlette | flask
-    library: str  # bare | oncely | aih | idemkit
+    library: str  # bare | oncely | oncely_prometheus | aih | idemkit
     store: str  # "" | memory | sqlite | sqlite-normal | redis | postgres
     patch: str = ""  # a module run in the server before the app is built (experiments)
 
@@ -103,7 +103,8 @@ ASGI_VARIANTS = [
 # Not in the default matrix; selectable with --variants.
 EXTRA_VARIANTS = [
     _v(n) for n in ("raw/bare", "raw/oncely-memory", "raw/oncely-sqlite", "raw/oncely-redis",
-                    "raw/oncely-postgres", "raw/aih-memory", "raw/idemkit-memory")
+                    "raw/oncely-postgres", "raw/aih-memory", "raw/idemkit-memory",
+                    "fastapi/oncely_prometheus-memory")
 ]  # fmt: skip
 QUICK_VARIANTS = [
     _v(n)

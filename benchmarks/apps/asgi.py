@@ -1,7 +1,7 @@
 """The ASGI app under test, one variant per process, chosen by environment variables.
 
     BENCH_FRAMEWORK  fastapi | starlette | raw (a plain ASGI callable, no framework)
-    BENCH_LIBRARY    bare | oncely | aih (asgi-idempotency-header) | idemkit
+    BENCH_LIBRARY    bare | oncely | oncely_prometheus | aih (asgi-idempotency-header) | idemkit
     BENCH_STORE      memory | sqlite | sqlite-normal | redis | postgres
     BENCH_STORE_URL  the store's URL or file path
     BENCH_NAMESPACE  a key prefix / table name of this variant's own
@@ -143,12 +143,19 @@ def oncely_store(store: str, url: str, namespace: str) -> Any:
 def add_middleware(app: Any, library: str, store: str, url: str, namespace: str) -> None:
     if library == "bare":
         return
-    if library == "oncely":
+    if library in ("oncely", "oncely_prometheus"):
         from oncely import IdempotencyMiddleware
 
         instance = oncely_store(store, url, namespace)
         preload.memory_store(instance, int(os.environ.get("BENCH_PRELOAD", "0")))
-        app.add_middleware(IdempotencyMiddleware, store=instance)
+        subscribers = []
+        if library == "oncely_prometheus":  # the cost of metrics: one subscriber attached
+            from prometheus_client import CollectorRegistry
+
+            from oncely.instrumentation.prometheus import PrometheusSubscriber
+
+            subscribers.append(PrometheusSubscriber(CollectorRegistry()))
+        app.add_middleware(IdempotencyMiddleware, store=instance, event_subscribers=subscribers)
         return
     if library == "aih":
         # As its README says: IdempotencyHeaderMiddleware(backend=...), redis.asyncio client.

@@ -71,6 +71,7 @@ class IdempotencyMiddleware:
         self.policy = base.replace(**options) if options else base
         self._marked_routes: list[tuple[Any, RouteOptions]] | None = None
         self._routes: list[Any] | None = None
+        self._route_templates: dict[tuple[str, str], str | None] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in self.policy.methods:
@@ -173,11 +174,18 @@ class IdempotencyMiddleware:
         """The route template for events: the router's once it ran; before that (the
         claim), the route that will match (Starlette/FastAPI). Never the raw path."""
         route = scope.get("route")
-        if route is None:
-            if self._routes is None:
-                self._routes = _find_routes(self.app)
-            return _route_template_for(self._routes, scope) if self._routes else None
-        return getattr(route, "path", None)
+        if route is not None:
+            path: str | None = getattr(route, "path", None)
+            return path
+        cache_key = (scope["method"], scope["path"])
+        if cache_key in self._route_templates:
+            return self._route_templates[cache_key]
+        if self._routes is None:
+            self._routes = _find_routes(self.app)
+        template = _route_template_for(self._routes, scope) if self._routes else None
+        if len(self._route_templates) < 4096:  # bounded: paths with ids are unbounded
+            self._route_templates[cache_key] = template
+        return template
 
     async def _claim(self, guard: Guard, fingerprint: str) -> tuple[str, ClaimResult]:
         token = new_token()
