@@ -8,6 +8,10 @@ import pytest
 from oncely.stores import MemoryStore, SQLiteStore
 from tests.support.services import services_required
 
+# Shared assertion helpers report like test asserts do (registered before any test
+# module imports them).
+pytest.register_assert_rewrite("tests.support.load")
+
 pytest_plugins = ["tests.support.redis_fixtures", "tests.support.postgres_fixtures"]
 
 

@@ -54,6 +54,7 @@ from oncely.client import RetryEvent, RetryPolicy
 from oncely.core.records import RecordState
 from oncely.demo.auth import workspace_scope
 from oncely.stores import store_from_url
+from tests.support.demo_accounts import open_accounts as shared_open_accounts
 from tests.support.postgres_fixtures import postgres_reachable
 from tests.support.servers import REPO_ROOT, free_port
 from tests.support.services import POSTGRES_URL, port_open, service_missing
@@ -465,20 +466,11 @@ class Traffic:
 
 
 def open_accounts(demo: CrashingDemo) -> list[str]:
-    ids = []
     with demo.client() as http:
-        for number in range(ACCOUNTS):
-            response = http.post(
-                "/v1/accounts",
-                json={
-                    "name": f"Account {number}", "institution": "Crash Bank",
-                    "balance": OPENING_BALANCE, "currency": "NZD",
-                },
-                headers={**AUTH, "Idempotency-Key": f"crash-open-{number}"},
-            )  # fmt: skip
-            assert response.status_code == 201, response.text
-            ids.append(response.json()["id"])
-    return ids
+        return shared_open_accounts(
+            http, count=ACCOUNTS, balance=OPENING_BALANCE, auth=AUTH,
+            institution="Crash Bank", key_prefix="crash-open",
+        )  # fmt: skip
 
 
 def planner(accounts: list[str], seed: int, prefix: str) -> Callable[[], Planned]:

@@ -30,6 +30,7 @@ import oncely.client
 from oncely.client import RetryEvent, RetryPolicy
 from oncely.demo.auth import workspace_scope
 from oncely.stores import SQLiteStore
+from tests.support.demo_accounts import open_accounts as shared_open_accounts
 from tests.support.faultproxy import FaultProxy
 from tests.support.servers import ServerProcess, free_port, start_process
 
@@ -105,20 +106,11 @@ def demo(tmp_path: Path) -> Iterator[ServerProcess]:
 
 
 def open_accounts(server: ServerProcess) -> list[str]:
-    ids = []
     with server.client() as http:
-        for number in range(ACCOUNTS):
-            response = http.post(
-                "/v1/accounts",
-                json={
-                    "name": f"Account {number}", "institution": "Chaos Bank",
-                    "balance": OPENING_BALANCE, "currency": "NZD",
-                },
-                headers={**AUTH, "Idempotency-Key": f"chaos-open-{number}"},
-            )  # fmt: skip
-            assert response.status_code == 201, response.text
-            ids.append(response.json()["id"])
-    return ids
+        return shared_open_accounts(
+            http, count=ACCOUNTS, balance=OPENING_BALANCE, auth=AUTH,
+            institution="Chaos Bank", key_prefix="chaos-open",
+        )  # fmt: skip
 
 
 def plan(accounts: list[str], seed: int) -> list[Planned]:

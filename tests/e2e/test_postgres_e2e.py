@@ -20,7 +20,11 @@ import pytest
 
 from oncely.core.records import RecordState
 from oncely.stores.postgres import PostgresStore
-from tests.support.load import executions_per_key, read_effects, same_key_rounds
+from tests.support.load import (
+    assert_once_per_round,
+    executions_per_key,
+    same_key_rounds,
+)
 from tests.support.postgres_fixtures import PrivatePostgres, drop_table
 from tests.support.servers import run_uvicorn
 
@@ -65,19 +69,7 @@ def test_200_rounds_of_20_simultaneous_duplicates_run_once_each(
     with run_uvicorn(APP, tmp_path=tmp_path, env=env, workers=4) as server:
         result = same_key_rounds(f"{server.url}/effects", rounds=200, concurrency=20)
         log = server.log()
-    assert not result.errors, log
-    assert len(result.rounds) == 200
-    executions = executions_per_key(effects)
-    assert len({effect["pid"] for effect in read_effects(effects)}) > 1, "one worker took it all"
-    for round_ in result.rounds:
-        assert executions[round_.key] == 1, round_
-        assert set(round_.statuses) <= {201, 409}, round_.statuses
-        successful = {
-            body
-            for status, body in zip(round_.statuses, round_.bodies, strict=True)
-            if status == 201
-        }
-        assert len(successful) == 1, "every 201 in a round is the same response"
+    executions = assert_once_per_round(result, effects, 200, log)
     assert sum(executions.values()) == 200
     assert result.status_counts()[409] > 0, "duplicates should have met a request in flight"
     states = records(cluster.url, [round_.key for round_ in result.rounds])

@@ -12,7 +12,7 @@ import pytest
 
 from oncely.core.records import RecordState
 from oncely.stores import SQLiteStore
-from tests.support.load import executions_per_key, same_key_rounds
+from tests.support.load import assert_once_per_round, same_key_rounds
 from tests.support.servers import run_uvicorn
 
 
@@ -26,20 +26,7 @@ def test_200_rounds_of_20_simultaneous_duplicates_run_once_each(tmp_path: Path) 
     }
     with run_uvicorn("tests.apps.store_app:app", tmp_path=tmp_path, env=env, workers=4) as server:
         result = same_key_rounds(f"{server.url}/effects", rounds=200, concurrency=20)
-    assert not result.errors
-    assert len(result.rounds) == 200
-    executions = executions_per_key(effects)
-    pids = {effect["pid"] for effect in map(json.loads, effects.read_text().splitlines())}
-    assert len(pids) > 1, "the load should have reached several workers"
-    for round_ in result.rounds:
-        assert executions[round_.key] == 1, round_
-        assert set(round_.statuses) <= {201, 409}
-        successful = {
-            body
-            for status, body in zip(round_.statuses, round_.bodies, strict=True)
-            if status == 201
-        }
-        assert len(successful) == 1, "every 201 in a round is the same response"
+    executions = assert_once_per_round(result, effects, 200)
     assert sum(executions.values()) == 200
     assert result.status_counts()[409] > 0, "duplicates should have met a request in flight"
 

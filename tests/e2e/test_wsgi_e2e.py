@@ -15,7 +15,12 @@ import httpx
 import pytest
 
 from tests.support.gunicorn import run_gunicorn
-from tests.support.load import executions_per_key, read_effects, same_key_rounds
+from tests.support.load import (
+    assert_once_per_round,
+    executions_per_key,
+    read_effects,
+    same_key_rounds,
+)
 from tests.support.rawhttp import post_with_key, raw_request
 from tests.support.servers import ServerProcess
 from tests.support.services import POSTGRES_URL, REDIS_URL, service_missing
@@ -245,22 +250,6 @@ def test_simultaneous_duplicates_run_once_each(app: Running) -> None:
     # A 5 ms handler widens the race window a little, as the ASGI test does.
     url = f"{app.server.url}/effects?delay=0.005"
     result = same_key_rounds(url, rounds=rounds, concurrency=20, deadline_seconds=60)
-    assert not result.errors
-    assert len(result.rounds) == rounds
-    executions = executions_per_key(app.effects)
-    effects = read_effects(app.effects)
-    round_keys = {round_.key for round_ in result.rounds}
-    pids = {effect["pid"] for effect in effects if effect["key"] in round_keys}
-    assert len(pids) > 1, "the load should have reached several workers"
-    for round_ in result.rounds:
-        assert executions[round_.key] == 1, round_
-        assert set(round_.statuses) <= {201, 409}
-        successful = {
-            body
-            for status, body in zip(round_.statuses, round_.bodies, strict=True)
-            if status == 201
-        }
-        assert len(successful) == 1, "every 201 in a round is the same response"
-    assert sum(executions[key] for key in round_keys) == rounds
+    assert_once_per_round(result, app.effects, rounds)
     counts = result.status_counts()
     print(f"{app.name}-{app.store}: {rounds} rounds x 20, statuses {dict(counts)}")

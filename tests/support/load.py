@@ -98,3 +98,28 @@ def read_effects(path: Path) -> list[dict[str, str]]:
 
 def executions_per_key(path: Path) -> Counter[str]:
     return Counter(effect["key"] for effect in read_effects(path))
+
+
+def assert_once_per_round(
+    result: LoadResult, effects_path: Path, rounds: int, context: str = ""
+) -> Counter[str]:
+    """The concurrency bar of SPEC §3: every round completed, the load reached several
+    workers, each round's key ran the handler exactly once, and every 201 of a round
+    is the same response. Returns the executions per key for further checks."""
+    assert not result.errors, (result.errors[:3], context)
+    assert len(result.rounds) == rounds
+    executions = executions_per_key(effects_path)
+    round_keys = {round_.key for round_ in result.rounds}
+    pids = {effect["pid"] for effect in read_effects(effects_path) if effect["key"] in round_keys}
+    assert len(pids) > 1, "the load should have reached several workers"
+    for round_ in result.rounds:
+        assert executions[round_.key] == 1, round_
+        assert set(round_.statuses) <= {201, 409}, round_.statuses
+        successful = {
+            body
+            for status, body in zip(round_.statuses, round_.bodies, strict=True)
+            if status == 201
+        }
+        assert len(successful) == 1, "every 201 in a round is the same response"
+    assert sum(executions[key] for key in round_keys) == rounds
+    return executions
