@@ -72,6 +72,14 @@ class IdempotencyMiddleware:
         self._marked_routes: list[tuple[Any, RouteOptions]] | None = None
         self._routes: list[Any] | None = None
         self._route_templates: dict[tuple[str, str], str | None] = {}
+        self._keeper: LeaseKeeper | None = None
+
+    def _lease_keeper(self) -> LeaseKeeper:
+        loop = asyncio.get_running_loop()
+        keeper = self._keeper
+        if keeper is None or keeper.loop is not loop:  # one per loop (tests run many)
+            keeper = self._keeper = LeaseKeeper(loop, self.policy.lease)
+        return keeper
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in self.policy.methods:
@@ -114,7 +122,13 @@ class IdempotencyMiddleware:
 
     async def _guard(self, guard: Guard, scope: Scope, receive: Receive, send: Send) -> None:
         policy = self.policy
-        body = await read_body(receive, policy.max_request_body)
+        message = await receive()
+        body: bytes | Disconnected | None
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            whole: bytes = message.get("body", b"")  # the common case: the body in one message
+            body = whole if len(whole) <= policy.max_request_body else None
+        else:
+            body = await read_rest_of_body(message, receive, policy.max_request_body)
         if body is None:
             await self._reject(send, problems.body_too_large(policy), scope, guard.key)
             return
@@ -123,9 +137,14 @@ class IdempotencyMiddleware:
         fingerprint = fingerprint_of(
             policy, guard, scope["method"], scope["path"], scope["query_string"], body
         )
-        claim_started = time.perf_counter()
+        observed = bool(policy.event_subscribers)
+        claim_started = time.perf_counter() if observed else 0.0
+        token = new_token()
         try:
-            token, result = await self._claim(guard, fingerprint)
+            result = await self.store.claim(
+                guard.scope, guard.key, fingerprint, token,
+                lease=policy.lease, retention=policy.retention,
+            )  # fmt: skip
             outcome = decide(result, fingerprint)
             if outcome is Outcome.IN_PROGRESS and policy.wait_for_in_flight > 0:
                 token, result, outcome = await self._wait_for_in_flight(guard, fingerprint)
@@ -137,7 +156,7 @@ class IdempotencyMiddleware:
             else:
                 await send_problem(send, problems.store_unavailable(policy), policy, guard.key)
             return
-        if policy.event_subscribers:
+        if observed:
             self._emit(
                 EventKind(outcome.value), scope, guard,
                 duration=time.perf_counter() - claim_started,
@@ -234,8 +253,9 @@ class IdempotencyMiddleware:
             )
             self._emit(EventKind.LEASE_LOST, app_scope, guard, detail="renewal")
 
-        lease = LeaseKeeper(store, guard, token, policy.lease, lease_lost)
-        handler_started = time.perf_counter()
+        lease = self._lease_keeper().hold(store, guard, token, lease_lost)
+        observed = bool(policy.event_subscribers)
+        handler_started = time.perf_counter() if observed else 0.0
         settled = False
 
         async def settle(response: StoredResponse | None) -> None:
@@ -243,7 +263,7 @@ class IdempotencyMiddleware:
             nonlocal settled
             settled = True
             lease.stop()
-            handler_duration = time.perf_counter() - handler_started
+            handler_duration = time.perf_counter() - handler_started if observed else 0.0
             try:
                 if response is None:
                     await store.release(guard.scope, guard.key, token)
@@ -264,7 +284,7 @@ class IdempotencyMiddleware:
                     "oncely store %s failed at completion; the claim lapses with its lease: %s",
                     store.name, error,
                 )  # fmt: skip
-            if policy.event_subscribers:
+            if observed:
                 self._emit(
                     kind, app_scope, guard,
                     status=capture.status if response is None else response.status,
@@ -283,7 +303,6 @@ class IdempotencyMiddleware:
                     await settle(capture.stored_response() if capture.should_store() else None)
             await send(message)
 
-        lease.start()
         try:
             await self.app(app_scope, replaying_receive(body, receive), capturing_send)
         except Exception:
@@ -301,52 +320,87 @@ class IdempotencyMiddleware:
             await settle(capture.stored_response() if capture.should_store() else None)
 
 
-class LeaseKeeper:
-    """Renews the lease every third of its length while the handler runs (SPEC §3)."""
+class HeldLease:
+    """One running handler's claim, renewed by its loop's `LeaseKeeper`."""
 
-    __slots__ = ("_guard", "_handle", "_lease", "_on_lost", "_store", "_task", "_token")
+    __slots__ = ("guard", "held", "keeper", "on_lost", "store", "task", "token")
 
     def __init__(
         self,
+        keeper: LeaseKeeper,
         store: AsyncStore,
         guard: Guard,
         token: str,
-        lease: float,
         on_lost: Callable[[], None],
     ) -> None:
-        self._store, self._guard, self._token, self._lease = store, guard, token, lease
-        self._on_lost = on_lost
-        self._handle: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[None] | None = None
+        self.keeper, self.store, self.guard, self.token = keeper, store, guard, token
+        self.on_lost = on_lost
+        self.held = True
+        self.task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        # A timer, not a task: fast handlers (the common case) never pay for a task.
-        self._handle = asyncio.get_running_loop().call_later(self._lease / 3, self._fire)
+    def stop(self) -> None:
+        if self.held:
+            self.held = False
+            self.keeper.drop(self)
 
-    def _fire(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._renew())
 
-    async def _renew(self) -> None:
-        guard = self._guard
+class LeaseKeeper:
+    """Renews, every third of the lease (SPEC §3), the claims of the handlers running on
+    one event loop, with one timer for all: a fast handler (the common case) only enters
+    and leaves a dict, and never pays for a timer or a task."""
+
+    __slots__ = ("_due", "_lease", "_period", "_timer", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, lease: float) -> None:
+        self.loop = loop
+        self._lease = lease
+        self._period = lease / 3
+        # Insertion order is due order: every entry is due one period after it (re)entered.
+        self._due: dict[HeldLease, float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def hold(
+        self, store: AsyncStore, guard: Guard, token: str, on_lost: Callable[[], None]
+    ) -> HeldLease:
+        held = HeldLease(self, store, guard, token, on_lost)
+        self._enter(held)
+        return held
+
+    def _enter(self, held: HeldLease) -> None:
+        due = self.loop.time() + self._period
+        self._due[held] = due
+        if self._timer is None:
+            self._timer = self.loop.call_at(due, self._tick)
+
+    def drop(self, held: HeldLease) -> None:
+        self._due.pop(held, None)
+        if held.task is not None and not held.task.done():
+            held.task.cancel()
+
+    def _tick(self) -> None:
+        self._timer = None
+        now = self.loop.time()
+        due = self._due
+        while due:
+            held, at = next(iter(due.items()))
+            if at > now:
+                self._timer = self.loop.call_at(at, self._tick)
+                return
+            del due[held]
+            held.task = self.loop.create_task(self._renew(held))
+
+    async def _renew(self, held: HeldLease) -> None:
+        guard = held.guard
         try:
-            renewed = await self._store.renew(
-                guard.scope, guard.key, self._token, lease=self._lease
-            )
+            renewed = await held.store.renew(guard.scope, guard.key, held.token, lease=self._lease)
         except StoreError as error:
             logger.warning("oncely: lease renewal failed, will retry: %s", error)
             renewed = True
         if not renewed:
-            self._on_lost()
+            held.on_lost()
             return
-        if self._handle is not None:
-            self.start()
-
-    def stop(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        if held.held:
+            self._enter(held)
 
 
 class Disconnected:
@@ -356,9 +410,10 @@ class Disconnected:
 DISCONNECTED = Disconnected()
 
 
-async def read_body(receive: Receive, limit: int) -> bytes | Disconnected | None:
-    """The whole request body, or None when it exceeds `limit` bytes."""
-    message = await receive()
+async def read_rest_of_body(
+    message: Message, receive: Receive, limit: int
+) -> bytes | Disconnected | None:
+    """The whole request body from its first message on, or None when over `limit`."""
     if message["type"] == "http.disconnect":
         return DISCONNECTED
     body: bytes = message.get("body", b"")

@@ -58,7 +58,7 @@ class LeaseLost(Exception):
     """
 
 
-@dataclass
+@dataclass(slots=True)
 class IdempotencyContext:
     """Put on the ASGI scope (`scope["oncely.context"]`) or the WSGI environ
     (`environ["oncely.context"]`) of every guarded request that runs its handler.

@@ -67,3 +67,25 @@ def test_json_suffix_media_types_are_canonicalised() -> None:
     a = facts(b'{"b":1,"a":2}', "application/merge-patch+json; charset=utf-8")
     b = facts(b'{"a":2, "b":1}', "application/merge-patch+json")
     assert default_fingerprint(a) == default_fingerprint(b)
+
+
+def test_lone_surrogate_escapes_are_canonicalised_not_a_crash() -> None:
+    # "\ud800" is valid JSON text whose string is not encodable as UTF-8.
+    a = facts(b'{"b":"\\ud800","a":1}')
+    b = facts(b'{"a":1, "b":"\\ud800"}')
+    assert default_fingerprint(a) == default_fingerprint(b)
+    assert default_fingerprint(a) != default_fingerprint(facts(b'{"a":1,"b":"\\ud801"}'))
+
+
+def test_json_in_other_unicode_encodings_is_canonicalised() -> None:
+    # json.loads reads a UTF-8 BOM, UTF-16 and UTF-32: so do fingerprints.
+    utf16 = '{"b":1,"a":2}'.encode("utf-16")
+    assert canonical_json(utf16) == b'{"a":2,"b":1}'
+    assert canonical_json(b'\xef\xbb\xbf{"a":1}') == b'{"a":1}'
+
+
+def test_fingerprints_are_stable_across_versions() -> None:
+    # Records outlive deployments: a retry after an upgrade must still match.
+    body = b'{"amount": 1250, "currency": "NZD", "meta": {"z": [1, 2.5, null], "a": "\xc3\xa9"}}'
+    request = RequestFacts("POST", "/v1/payments", b"x=1", "application/json", body)
+    assert default_fingerprint(request) == "c346ef68902d6b5adfd60250efc60ee7"

@@ -7,8 +7,8 @@ stores only perform the claim transition atomically, adapters only move bytes.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from enum import Enum, StrEnum
+from typing import NamedTuple
 
 from oncely.core.records import Record, RecordState
 
@@ -60,8 +60,7 @@ def claim_transition(existing: Record | None, fingerprint: str, now: float) -> C
     return ClaimTransition.KEEP
 
 
-@dataclass(frozen=True, slots=True)
-class Claimed:
+class Claimed(NamedTuple):
     """The caller holds the lease under `token` and must complete or release."""
 
     token: str
@@ -69,8 +68,7 @@ class Claimed:
     took_over: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Existing:
+class Existing(NamedTuple):
     """The store kept the record; `now` is the store's clock at the claim."""
 
     record: Record

@@ -3,14 +3,20 @@ the store. ASGI and WSGI adapters call these and only move bytes around them."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from oncely.core import problems
 from oncely.core.decisions import ClaimResult, Existing, Outcome
-from oncely.core.fingerprint import NO_FINGERPRINT, RequestFacts
+from oncely.core.fingerprint import (
+    NO_FINGERPRINT,
+    RequestFacts,
+    default_fingerprint,
+    request_fingerprint,
+)
 from oncely.core.keys import HEADER_LOWER, InvalidKey, parse_key
 from oncely.core.policy import IdempotencyPolicy, RouteOptions
 from oncely.core.problems import Problem, RenderedResponse
@@ -33,8 +39,7 @@ class Reject:
     key: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Guard:
+class Guard(NamedTuple):
     """Protect this request: read its body, fingerprint it, claim (scope, key)."""
 
     key: str
@@ -98,14 +103,38 @@ def admit(
 def fingerprint_of(
     policy: IdempotencyPolicy, guard: Guard, method: str, path: str, query: bytes, body: bytes
 ) -> str:
-    if policy.fingerprint is None:
+    function = policy.fingerprint
+    if function is None:
         return NO_FINGERPRINT
-    return policy.fingerprint(RequestFacts(method, path, query, guard.content_type, body))
+    if function is default_fingerprint:
+        return request_fingerprint(method, path, query, guard.content_type, body)
+    return function(RequestFacts(method, path, query, guard.content_type, body))
+
+
+def _token_prefix() -> str:
+    return os.urandom(8).hex()
+
+
+_token_prefix_hex = _token_prefix()
+_token_counter = itertools.count()
 
 
 def new_token() -> str:
-    """A lease token: unguessable, so no other worker can complete our claim."""
-    return os.urandom(16).hex()
+    """A lease token: unguessable, so no other worker can complete our claim.
+
+    A secret random prefix per process and a counter: unique within the process
+    (`next` on a count is atomic, so threads never share one) and, through the prefix,
+    across processes; no system call per request. A forked child draws a new prefix.
+    """
+    return f"{_token_prefix_hex}{next(_token_counter):016x}"
+
+
+def _new_token_prefix() -> None:
+    global _token_prefix_hex
+    _token_prefix_hex = _token_prefix()
+
+
+os.register_at_fork(after_in_child=_new_token_prefix)
 
 
 def replay_headers(response: StoredResponse) -> list[tuple[bytes, bytes]]:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import json.encoder
+import json.scanner
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,33 +27,90 @@ FingerprintFunction = Callable[[RequestFacts], str]
 NO_FINGERPRINT = ""  # compare the key alone
 
 
+_json_media_cache: dict[str, bool] = {}
+
+
 def is_json_content_type(content_type: str | None) -> bool:
     if not content_type:
         return False
+    known = _json_media_cache.get(content_type)
+    if known is not None:
+        return known
     media = content_type.split(";", 1)[0].strip().lower()
-    return media == "application/json" or media.endswith("+json")
+    is_json = media == "application/json" or media.endswith("+json")
+    if len(_json_media_cache) < 256:  # bounded: the header comes from the client
+        _json_media_cache[content_type] = is_json
+    return is_json
+
+
+def _json_codec() -> tuple[Callable[[str], object], Callable[[object], str]]:
+    """A JSON parser and a canonical encoder, made once: `json.loads`/`json.dumps` with
+    arguments build new ones (and run three Python layers) on every call."""
+    decoder = json.JSONDecoder()
+    fallback = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    # The C scanner and encoder of the _json accelerator (typeshed does not describe them).
+    make_scanner: Any = json.scanner.make_scanner
+    scan_once: Callable[[str, int], tuple[object, int]] = make_scanner(decoder)
+    make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
+
+    def parse(text: str) -> object:
+        text = text.strip(" \t\n\r")  # RFC 8259 whitespace around the value
+        try:
+            value, end = scan_once(text, 0)
+        except StopIteration:
+            raise ValueError("not JSON") from None
+        if end != len(text):
+            raise ValueError("extra data after the JSON value")
+        return value
+
+    if make_encoder is None:  # an interpreter without the C accelerator
+        return parse, fallback.encode
+
+    def refuse(value: object) -> object:
+        raise TypeError(f"{type(value).__name__} is not JSON")  # unreachable for parsed JSON
+
+    # markers=None: parsed JSON cannot be circular. allow_nan: json accepts NaN on input.
+    encode_chunks = make_encoder(
+        None, refuse, json.encoder.encode_basestring, None, ":", ",", True, False, True
+    )
+
+    def encode(value: object) -> str:
+        return "".join(encode_chunks(value, 0))
+
+    return parse, encode
+
+
+_parse_json, _encode_canonical = _json_codec()
 
 
 def canonical_json(body: bytes) -> bytes | None:
     """Key order and insignificant whitespace removed; None when the body is not JSON."""
     try:
-        value = json.loads(body)
+        value = _parse_json(body.decode())  # UTF-8, the common case
     except (UnicodeDecodeError, ValueError, RecursionError):
-        return None
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        try:  # what json.loads also reads: a BOM, UTF-16, UTF-32
+            value = json.loads(body)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return None
+    # surrogatepass: "\ud800" is valid JSON, but its lone surrogate is not UTF-8.
+    return _encode_canonical(value).encode("utf-8", "surrogatepass")
 
 
 def default_fingerprint(request: RequestFacts) -> str:
     """Hash of method, path with query, and body (JSON canonicalised). One hash pass."""
-    body = request.body
-    if body and is_json_content_type(request.content_type):
+    return request_fingerprint(
+        request.method, request.path, request.query, request.content_type, request.body
+    )
+
+
+def request_fingerprint(
+    method: str, path: str, query: bytes, content_type: str | None, body: bytes
+) -> str:
+    """`default_fingerprint` without building `RequestFacts` (the adapters' hot path)."""
+    if body and is_json_content_type(content_type):
         body = canonical_json(body) or body
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(request.method.encode("ascii", "replace"))
-    digest.update(b" ")
-    digest.update(request.path.encode("utf-8", "surrogateescape"))
-    digest.update(b"?")
-    digest.update(request.query)
-    digest.update(b"\n")
-    digest.update(body)
-    return digest.hexdigest()
+    facts = (
+        method.encode("ascii", "replace"), b" ", path.encode("utf-8", "surrogateescape"),
+        b"?", query, b"\n", body,
+    )  # fmt: skip
+    return hashlib.blake2b(b"".join(facts), digest_size=16).hexdigest()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -87,8 +88,19 @@ def _unquote_sf_string(raw: str) -> str | None:
     return None if escaped else "".join(out)
 
 
+# The forms nearly every client sends, recognised in one match: an sf-string without
+# escapes, or a bare token, of visible ASCII. Anything else takes the full path below.
+_PLAIN_KEY = re.compile(
+    rb'"(?P<quoted>[\x21\x23-\x5b\x5d-\x7e]{1,%d})"|(?P<bare>(?!")[\x21-\x7e]{1,%d})'
+    % (MAX_KEY_BYTES, MAX_KEY_BYTES)
+)
+
+
 def parse_key_value(raw: bytes) -> str:
     """One header value -> the key. Raises InvalidKey naming the broken rule."""
+    plain = _PLAIN_KEY.fullmatch(raw)
+    if plain is not None:
+        return (plain.group("quoted") or plain.group("bare")).decode("ascii")
     text = raw.decode("latin-1").strip(" \t")
     if text.startswith('"'):
         unquoted = _unquote_sf_string(text)
@@ -112,6 +124,8 @@ def parse_key(values: Sequence[bytes]) -> str | None:
     if not values:
         return None
     key = parse_key_value(values[0])
+    if len(values) == 1:
+        return key
     for other in values[1:]:
         if parse_key_value(other) != key:
             raise InvalidKey(KeyRule.CONFLICTING_HEADERS, b", ".join(values))

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 Headers = tuple[tuple[bytes, bytes], ...]
 
@@ -14,8 +14,7 @@ class RecordState(IntEnum):
     COMPLETED = 1
 
 
-@dataclass(frozen=True, slots=True)
-class StoredResponse:
+class StoredResponse(NamedTuple):
     """What a replay sends back. `replayable` is False when the body was over the size limit."""
 
     status: int
@@ -24,8 +23,7 @@ class StoredResponse:
     replayable: bool = True
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
     """One (scope, key). Times are the store's clock, in seconds since the epoch."""
 
     scope: str

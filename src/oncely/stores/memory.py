@@ -6,13 +6,46 @@ import heapq
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace as _replace
 
-from oncely.core.decisions import Claimed, ClaimResult, ClaimTransition, Existing, claim_transition
+from oncely.core.decisions import Claimed, ClaimResult, Existing
 from oncely.core.records import Record, RecordState, StoredResponse
 from oncely.stores.base import StoreStats, poll_until_settled, poll_until_settled_sync
 
 _PURGE_EVERY = 1024  # claims between opportunistic purges, so memory stays flat
+
+
+class _Row:
+    """A live record, mutable in place: the store's lock guards it. `Record`s, the
+    public frozen view, are made only when a caller asks to see one."""
+
+    __slots__ = (
+        "attempts", "created_at", "expires_at", "fingerprint", "frozen", "lease_expires_at",
+        "response", "state", "token",
+    )  # fmt: skip
+
+    def __init__(
+        self, fingerprint: str, token: str, created_at: float, expires_at: float, lease: float
+    ) -> None:
+        self.fingerprint = fingerprint
+        self.state = RecordState.IN_FLIGHT
+        self.token: str | None = token
+        self.attempts = 1
+        self.created_at = created_at
+        self.expires_at = expires_at
+        self.lease_expires_at: float | None = created_at + lease
+        self.response: StoredResponse | None = None
+        self.frozen: Record | None = None  # a completed row never changes: view made once
+
+    def view(self, scope: str, key: str) -> Record:
+        if self.frozen is not None:
+            return self.frozen
+        record = Record(
+            scope, key, self.fingerprint, self.state, self.token, self.attempts,
+            self.created_at, self.expires_at, self.lease_expires_at, self.response,
+        )  # fmt: skip
+        if self.state is RecordState.COMPLETED:
+            self.frozen = record
+        return record
 
 
 class MemoryStore:
@@ -23,7 +56,7 @@ class MemoryStore:
 
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        self._records: dict[tuple[str, str], Record] = {}
+        self._rows: dict[tuple[str, str], _Row] = {}
         self._expiry_heap: list[tuple[float, str, str]] = []
         self._lock = threading.Lock()  # WSGI threads and the event loop may share a store
         self._claims_since_purge = 0
@@ -33,71 +66,68 @@ class MemoryStore:
     def claim_sync(
         self, scope: str, key: str, fingerprint: str, token: str, *, lease: float, retention: float
     ) -> ClaimResult:
+        # The §3 claim transition (core.decisions.claim_transition), applied to rows in place.
         with self._lock:
             now = self._clock()
-            existing = self._records.get((scope, key))
-            transition = claim_transition(existing, fingerprint, now)
-            if transition is ClaimTransition.KEEP:
-                assert existing is not None
-                return Existing(existing, now)
-            if transition is ClaimTransition.TAKE_OVER:
-                assert existing is not None
-                self._records[(scope, key)] = _replace(
-                    existing, token=token, attempts=existing.attempts + 1,
-                    lease_expires_at=now + lease,
-                )  # fmt: skip
-                return Claimed(token, existing.attempts + 1, took_over=True)
-            record = Record(
-                scope=scope, key=key, fingerprint=fingerprint, state=RecordState.IN_FLIGHT,
-                token=token, attempts=1, created_at=now, expires_at=now + retention,
-                lease_expires_at=now + lease,
-            )  # fmt: skip
-            self._records[(scope, key)] = record
-            heapq.heappush(self._expiry_heap, (record.expires_at, scope, key))
+            row = self._rows.get((scope, key))
+            if row is not None and row.expires_at > now:
+                if (
+                    row.state is RecordState.IN_FLIGHT
+                    and row.lease_expires_at is not None
+                    and row.lease_expires_at <= now
+                    and row.fingerprint == fingerprint
+                ):
+                    row.token = token
+                    row.attempts += 1
+                    row.lease_expires_at = now + lease
+                    return Claimed(token, row.attempts, took_over=True)
+                return Existing(row.view(scope, key), now)
+            row = _Row(fingerprint, token, now, now + retention, lease)
+            self._rows[(scope, key)] = row
+            heapq.heappush(self._expiry_heap, (row.expires_at, scope, key))
             self._claims_since_purge += 1
             if self._claims_since_purge >= _PURGE_EVERY:
                 self._purge_locked(now)
             return Claimed(token, 1)
 
-    def _holder(self, scope: str, key: str, token: str) -> Record | None:
-        record = self._records.get((scope, key))
-        if record is None or record.token != token or record.state is not RecordState.IN_FLIGHT:
+    def _holder(self, scope: str, key: str, token: str) -> _Row | None:
+        row = self._rows.get((scope, key))
+        if row is None or row.token != token or row.state is not RecordState.IN_FLIGHT:
             return None
-        return record
+        return row
 
     def complete_sync(self, scope: str, key: str, token: str, response: StoredResponse) -> bool:
         with self._lock:
-            record = self._holder(scope, key, token)
-            if record is None:
+            row = self._holder(scope, key, token)
+            if row is None:
                 return False
-            self._records[(scope, key)] = Record(
-                scope, key, record.fingerprint, RecordState.COMPLETED, token, record.attempts,
-                record.created_at, record.expires_at, None, response,
-            )  # fmt: skip
+            row.state = RecordState.COMPLETED
+            row.lease_expires_at = None
+            row.response = response
             return True
 
     def release_sync(self, scope: str, key: str, token: str) -> bool:
         with self._lock:
             if self._holder(scope, key, token) is None:
                 return False
-            del self._records[(scope, key)]
+            del self._rows[(scope, key)]
             return True
 
     def renew_sync(self, scope: str, key: str, token: str, *, lease: float) -> bool:
         with self._lock:
-            record = self._holder(scope, key, token)
+            row = self._holder(scope, key, token)
             now = self._clock()
-            if record is None or record.expires_at <= now:
+            if row is None or row.expires_at <= now:
                 return False
-            self._records[(scope, key)] = _replace(record, lease_expires_at=now + lease)
+            row.lease_expires_at = now + lease
             return True
 
     def get_sync(self, scope: str, key: str) -> Record | None:
         with self._lock:
-            record = self._records.get((scope, key))
-            if record is None or record.expires_at <= self._clock():
+            row = self._rows.get((scope, key))
+            if row is None or row.expires_at <= self._clock():
                 return None
-            return record
+            return row.view(scope, key)
 
     def wait_sync(self, scope: str, key: str, timeout: float) -> Record | None:
         return poll_until_settled_sync(lambda: self.get_sync(scope, key), timeout)
@@ -112,10 +142,10 @@ class MemoryStore:
         heap = self._expiry_heap
         while heap and heap[0][0] <= now:
             _, scope, key = heapq.heappop(heap)
-            record = self._records.get((scope, key))
+            row = self._rows.get((scope, key))
             # A key reclaimed after expiry has a newer heap entry; only drop dead records.
-            if record is not None and record.expires_at <= now:
-                del self._records[(scope, key)]
+            if row is not None and row.expires_at <= now:
+                del self._rows[(scope, key)]
                 purged += 1
         return purged
 
@@ -124,12 +154,12 @@ class MemoryStore:
             now = self._clock()
             in_flight = completed = expired = 0
             oldest: float | None = None
-            for record in self._records.values():
-                if record.expires_at <= now:
+            for row in self._rows.values():
+                if row.expires_at <= now:
                     expired += 1
-                elif record.state is RecordState.IN_FLIGHT:
+                elif row.state is RecordState.IN_FLIGHT:
                     in_flight += 1
-                    age = now - record.created_at
+                    age = now - row.created_at
                     oldest = age if oldest is None else max(oldest, age)
                 else:
                     completed += 1
