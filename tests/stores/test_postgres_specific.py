@@ -6,6 +6,7 @@ caller's transaction, and records that survive a restart (on a private cluster).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,9 +18,9 @@ import pytest
 from psycopg import pq
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from oncely.core import Claimed, Existing, RecordState, StoredResponse
+from oncely.core import Claimed, ClaimResult, Existing, RecordState, StoredResponse
 from oncely.stores import StoreError, store_from_url
-from oncely.stores.postgres import PostgresStore, _AsyncListener, _SyncListener
+from oncely.stores.postgres import PostgresStore, _AsyncListener, _SyncListener, wake_payload
 from tests.support.postgres_fixtures import PrivatePostgres, drop_table, unique_table
 from tests.support.servers import free_port
 
@@ -187,6 +188,117 @@ async def test_exactly_one_reclaims_an_expired_record(postgres_store: PostgresSt
     assert claimed == [Claimed(claimed[0].token, 1)]
     existing = [r for r in results if isinstance(r, Existing)]
     assert all(r.record.token == claimed[0].token and r.record.response is None for r in existing)
+
+
+# Concurrent calls share statements (claims and completions grouped over arrays) ---------
+
+
+async def warm(store: PostgresStore) -> None:
+    """Pool open, schema checked: from here on a lone call suspends only on the wire."""
+    await store.claim("s", "warm", FP, "w", lease=30, retention=60)
+    assert await store.complete("s", "warm", "w", RESPONSE)
+
+
+@pytest.mark.anyio
+async def test_concurrent_claims_share_statements_and_stay_exact(
+    postgres_store: PostgresStore,
+) -> None:
+    await warm(postgres_store)
+    keys = [f"k{i}" for i in range(8)]
+    calls = [(key, f"t{n}-{key}") for n in range(4) for key in keys]  # each key 4 times
+    results = await asyncio.gather(
+        *(postgres_store.claim("s", key, FP, token, lease=30, retention=60) for key, token in calls)
+    )
+    winners: dict[str, str] = {}
+    for (key, token), result in zip(calls, results, strict=True):
+        if isinstance(result, Claimed):
+            assert key not in winners
+            assert result == Claimed(token, 1)
+            winners[key] = token
+    assert sorted(winners) == keys
+    for (key, _), result in zip(calls, results, strict=True):
+        if isinstance(result, Existing):
+            assert result.record.state is RecordState.IN_FLIGHT
+            assert result.record.token == winners[key]
+    # The first call ran alone; the 31 that queued behind it went out grouped, each
+    # statement holding a key at most once: 4 statements (8 + 8 + 8 + 7), not 31.
+    claims = postgres_store._claims
+    assert (claims.statements, claims.grouped) == (4, 31)
+
+    # Every caller completes with its own token: only the 8 lease holders succeed.
+    done = await asyncio.gather(
+        *(postgres_store.complete("s", key, token, RESPONSE) for key, token in calls)
+    )
+    assert {calls[i] for i, ok in enumerate(done) if ok} == set(winners.items())
+    assert postgres_store._completions.grouped == 31
+
+    replays = await asyncio.gather(
+        *(postgres_store.claim("s", key, FP, "again", lease=30, retention=60) for key in keys)
+    )
+    for replay in replays:
+        assert isinstance(replay, Existing)
+        assert replay.record.state is RecordState.COMPLETED
+        assert replay.record.response == RESPONSE
+
+
+@pytest.mark.anyio
+async def test_grouped_completion_notifies_only_marked_records(
+    postgres_store: PostgresStore, postgres_url: str, postgres_table: str
+) -> None:
+    await warm(postgres_store)
+    keys = [f"k{i}" for i in range(6)]
+    for key in keys:
+        await postgres_store.claim("s", key, FP, "t" + key, lease=30, retention=60)
+    with raw(postgres_url) as conn:  # what a waiter's check does to its record
+        conn.execute(
+            f'UPDATE "{postgres_table}" SET waiting = true WHERE key = ANY(%s)', (["k2", "k4"],)
+        )
+    listener = await psycopg.AsyncConnection.connect(postgres_url, autocommit=True)
+    try:
+        await listener.execute(
+            psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(postgres_store.sql.channel))
+        )
+        done = await asyncio.gather(
+            *(postgres_store.complete("s", key, "t" + key, RESPONSE) for key in keys)
+        )
+        assert done == [True] * 6
+        assert postgres_store._completions.grouped == 5
+        heard = {n.payload async for n in listener.notifies(timeout=0.5)}
+        assert heard == {wake_payload("s", "k2"), wake_payload("s", "k4")}
+    finally:
+        await listener.close()
+
+
+@pytest.mark.anyio
+async def test_a_failed_group_fails_each_caller_and_a_cancelled_one_is_not_sent(
+    postgres_store: PostgresStore,
+) -> None:
+    await warm(postgres_store)
+    sql = postgres_store.sql
+
+    def claim(key: str) -> asyncio.Task[ClaimResult]:
+        return asyncio.create_task(postgres_store.claim("s", key, FP, "t", lease=30, retention=60))
+
+    # Cancelled while queued: the others go ahead, the cancelled claim is never sent.
+    tasks = [claim(f"c{i}") for i in range(5)]
+    await asyncio.sleep(0)  # all five started: the first is on the wire, four queued
+    tasks[2].cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[2], asyncio.CancelledError)
+    assert all(isinstance(results[i], Claimed) for i in (0, 1, 3, 4))
+    assert await postgres_store.get("s", "c2") is None
+
+    # A grouped statement that fails: each of its callers gets its own StoreError.
+    postgres_store.sql = dataclasses.replace(sql, claim_many="SELECT broken FROM nowhere")
+    try:
+        results = await asyncio.gather(*(claim(f"e{i}") for i in range(4)), return_exceptions=True)
+    finally:
+        postgres_store.sql = sql
+    assert isinstance(results[0], Claimed)  # ran alone, on the single-record statement
+    errors = results[1:]
+    assert all(isinstance(error, StoreError) for error in errors)
+    assert len({id(error) for error in errors}) == 3
+    assert await postgres_store.get("s", "e1") is None
 
 
 def test_schema_creation_is_safe_from_many_processes_at_once(

@@ -5,6 +5,12 @@ clock (`statement_timestamp()`), so workers with skewed clocks agree on leases a
 A fresh request costs two statements (claim, complete), a replay one (a claim that
 races a simultaneous first insert of the same key runs once more).
 
+Concurrent claims in one process share a statement, and so do completions: while one
+is on the wire the others queue, then go out together as one statement over arrays (one
+pooled connection, one round trip), each caller keeping its own result. A lone request
+runs the one-record statement at once. Under load this cuts the driver's work (pool,
+cursor, adaptation, results) per request several times over.
+
 Waiters LISTEN on one connection per process. Completion and release NOTIFY only for
 records that a waiter has marked (`waiting`): a NOTIFY serialises committing
 transactions on a database-wide lock, which the common path should not pay for.
@@ -21,7 +27,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -64,6 +70,10 @@ LISTEN_RETRY = 5.0
 # A claim that raced a simultaneous first insert gets no row back (see the claim statement
 # in build_statements) and runs again.
 CLAIM_ATTEMPTS = 5
+# Concurrent claims (completions) share statements (see _Group): at most this many
+# statements of one kind in flight per store and event loop, each for at most MAX_GROUP.
+GROUP_FLIGHTS = 1
+MAX_GROUP = 256
 PURGE_MAX_BATCHES = 1000
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -71,12 +81,17 @@ _NOW = "extract(epoch FROM statement_timestamp())::float8"
 _RECORD = "fingerprint, state, token, attempts, created_at, expires_at, lease_expires_at, response"
 
 
-def _claimable(row: str) -> str:
+def _claimable(row: str, fingerprint: str = "%(fingerprint)s") -> str:
     """SQL for `claim_transition(...) is not KEEP`: expired, or a lapsed lease, same request."""
     return (
         f"({row}.expires_at <= {_NOW} OR ({row}.state = 0 AND {row}.lease_expires_at <= {_NOW}"
-        f" AND {row}.fingerprint = %(fingerprint)s))"
+        f" AND {row}.fingerprint = {fingerprint}))"
     )
+
+
+def _columns(row: str) -> str:
+    """`_RECORD`, each column qualified by `row`."""
+    return ", ".join(f"{row}.{column}" for column in _RECORD.split(", "))
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +108,9 @@ class Statements:
     ddl: tuple[str, ...]
     exists: str
     claim: str
+    claim_many: str
     complete: str
+    complete_many: str
     release: str
     renew: str
     get: str
@@ -115,7 +132,10 @@ def build_statements(table: str, schema: str | None = None) -> Statements:
     channel = f"oncely.{schema}.{table}" if schema else f"oncely.{table}"
     if len(channel) > 63:  # NAMEDATALEN; a collision only costs a spurious wakeup
         channel = "oncely." + hashlib.sha1(channel.encode()).hexdigest()[:32]
-    notify = f"pg_notify('{channel}', md5(%(scope)s || ' ' || %(key)s))"
+
+    def notify(scope: str, key: str) -> str:
+        return f"pg_notify('{channel}', md5({scope} || ' ' || {key}))"
+
     ddl = (
         f"SELECT pg_advisory_xact_lock(hashtext('oncely.ddl:{t}'))",
         *([f'CREATE SCHEMA IF NOT EXISTS "{schema}"'] if schema else []),
@@ -144,33 +164,69 @@ def build_statements(table: str, schema: str | None = None) -> Statements:
     # and then declines; both halves come back empty and the caller runs the claim again
     # (a new snapshot that sees the row). Always updating the row would close that gap in
     # one statement, but would turn every replay into a write and a WAL flush.
+    upsert = f"""
+        ON CONFLICT (scope, key) DO UPDATE SET
+            fingerprint = excluded.fingerprint,
+            state = 0,
+            token = excluded.token,
+            attempts = CASE WHEN r.expires_at <= {_NOW} THEN 1 ELSE r.attempts + 1 END,
+            created_at = CASE WHEN r.expires_at <= {_NOW}
+                              THEN excluded.created_at ELSE r.created_at END,
+            expires_at = CASE WHEN r.expires_at <= {_NOW}
+                              THEN excluded.expires_at ELSE r.expires_at END,
+            lease_expires_at = excluded.lease_expires_at,
+            waiting = r.waiting AND r.expires_at > {_NOW},
+            response = NULL
+        WHERE {_claimable("r", "excluded.fingerprint")}
+    """
+    insert = f"""INSERT INTO {t} AS r (scope, key, fingerprint, state, token, attempts,
+                                       created_at, expires_at, lease_expires_at)"""
     claim = f"""
         WITH cur AS (
             SELECT {_RECORD} FROM {t} WHERE scope = %(scope)s AND key = %(key)s
         ), ins AS (
-            INSERT INTO {t} AS r (scope, key, fingerprint, state, token, attempts,
-                                  created_at, expires_at, lease_expires_at)
+            {insert}
             SELECT %(scope)s, %(key)s, %(fingerprint)s, 0, %(token)s, 1,
                    {_NOW}, {_NOW} + %(retention)s, {_NOW} + %(lease)s
             WHERE NOT EXISTS (SELECT 1 FROM cur WHERE NOT {_claimable("cur")})
-            ON CONFLICT (scope, key) DO UPDATE SET
-                fingerprint = excluded.fingerprint,
-                state = 0,
-                token = excluded.token,
-                attempts = CASE WHEN r.expires_at <= {_NOW} THEN 1 ELSE r.attempts + 1 END,
-                created_at = CASE WHEN r.expires_at <= {_NOW}
-                                  THEN excluded.created_at ELSE r.created_at END,
-                expires_at = CASE WHEN r.expires_at <= {_NOW}
-                                  THEN excluded.expires_at ELSE r.expires_at END,
-                lease_expires_at = excluded.lease_expires_at,
-                waiting = r.waiting AND r.expires_at > {_NOW},
-                response = NULL
-            WHERE {_claimable("r")}
+            {upsert}
             RETURNING {_RECORD}
         )
         SELECT true, {_RECORD}, {_NOW} FROM ins
         UNION ALL
         SELECT false, {_RECORD}, {_NOW} FROM cur WHERE NOT {_claimable("cur")}
+    """
+    # The same claim for many records at once (`PostgresStore.claim` groups concurrent
+    # calls), each (scope, key) at most once. Rows come back numbered by their position in
+    # the arrays, the claim's row layout after the number; a position with no row raced,
+    # as above. Records are inserted and locked in array order: the caller sorts by (scope,
+    # key), so two such statements on overlapping keys wait for each other, never deadlock.
+    claim_many = f"""
+        WITH req AS (
+            SELECT * FROM unnest(%(scope)s::text[], %(key)s::text[], %(fingerprint)s::text[],
+                                 %(token)s::text[], %(lease)s::float8[],
+                                 %(retention)s::float8[])
+                WITH ORDINALITY AS req(scope, key, fingerprint, token, lease, retention, i)
+        ), cur AS (
+            SELECT req.i, req.fingerprint AS wanted, {_columns("c")}
+            FROM req JOIN {t} AS c ON c.scope = req.scope AND c.key = req.key
+        ), ins AS (
+            {insert}
+            SELECT req.scope, req.key, req.fingerprint, 0, req.token, 1,
+                   {_NOW}, {_NOW} + req.retention, {_NOW} + req.lease
+            FROM req
+            WHERE NOT EXISTS (
+                SELECT 1 FROM cur WHERE cur.i = req.i AND NOT {_claimable("cur", "cur.wanted")}
+            )
+            ORDER BY req.i
+            {upsert}
+            RETURNING r.scope, r.key, {_columns("r")}
+        )
+        SELECT req.i, true, {_columns("ins")}, {_NOW}
+        FROM ins JOIN req ON req.scope = ins.scope AND req.key = ins.key
+        UNION ALL
+        SELECT cur.i, false, {_columns("cur")}, {_NOW}
+        FROM cur WHERE NOT {_claimable("cur", "cur.wanted")}
     """
     fence = "scope = %(scope)s AND key = %(key)s AND token = %(token)s AND state = 0"
     return Statements(
@@ -182,16 +238,39 @@ def build_statements(table: str, schema: str | None = None) -> Statements:
             f" AND to_regclass('{index_qualified}') IS NOT NULL"
         ),
         claim=claim,
+        claim_many=claim_many,
         complete=f"""
             WITH done AS (
                 UPDATE {t} SET state = 1, lease_expires_at = NULL, response = %(response)s
                 WHERE {fence} RETURNING waiting
             )
-            SELECT 1 FROM done LEFT JOIN LATERAL (SELECT {notify} WHERE done.waiting) AS n ON true
+            SELECT 1 FROM done
+            LEFT JOIN LATERAL (SELECT {notify("%(scope)s", "%(key)s")} WHERE done.waiting) AS n
+            ON true
+        """,
+        # The completion of many records (distinct (scope, key)): returns the positions
+        # (from 1) of those whose token held the lease.
+        complete_many=f"""
+            WITH req AS (
+                SELECT * FROM unnest(%(scope)s::text[], %(key)s::text[], %(token)s::text[],
+                                     %(response)s::bytea[])
+                    WITH ORDINALITY AS req(scope, key, token, response, i)
+            ), done AS (
+                UPDATE {t} AS r SET state = 1, lease_expires_at = NULL, response = req.response
+                FROM req
+                WHERE r.scope = req.scope AND r.key = req.key AND r.token = req.token
+                      AND r.state = 0
+                RETURNING req.i, r.scope, r.key, r.waiting
+            )
+            SELECT done.i FROM done
+            LEFT JOIN LATERAL (SELECT {notify("done.scope", "done.key")} WHERE done.waiting) AS n
+            ON true
         """,
         release=f"""
             WITH gone AS (DELETE FROM {t} WHERE {fence} RETURNING waiting)
-            SELECT 1 FROM gone LEFT JOIN LATERAL (SELECT {notify} WHERE gone.waiting) AS n ON true
+            SELECT 1 FROM gone
+            LEFT JOIN LATERAL (SELECT {notify("%(scope)s", "%(key)s")} WHERE gone.waiting) AS n
+            ON true
         """,
         renew=f"""
             UPDATE {t} SET lease_expires_at = {_NOW} + %(lease)s
@@ -274,6 +353,123 @@ def _stats(row: tuple[Any, ...] | None) -> StoreStats:
     if row is None:
         raise StoreError("postgres store: stats returned no row")
     return StoreStats(row[0], row[1], row[2], row[3])
+
+
+# Grouping: concurrent claims (and completions) of one process share a statement.
+
+Params: TypeAlias = dict[str, Any]
+_Call: TypeAlias = tuple[tuple[str, str], Params, "asyncio.Future[Any]"]
+_ALONE: Any = object()  # the grouped statement deadlocked: run your own statement
+
+
+class _Group:
+    """Concurrent calls of one operation (claim or complete) on one event loop.
+
+    A call that finds no statement of its kind in flight runs its own one-record
+    statement at once: a lone request pays nothing for grouping. Calls that arrive
+    while one is in flight queue up, and when it returns everything queued goes out as
+    one statement over arrays (`run`): one pooled connection, one round trip, for the
+    lot. There is no timer: a group is what piled up during the previous round trip.
+    A (scope, key) appears once per statement (ON CONFLICT can not touch a row twice),
+    a duplicate waits for the next one. Each caller gets its own result or StoreError;
+    a caller cancelled while queued is dropped before anything is sent.
+    """
+
+    __slots__ = (
+        "busy",
+        "error",
+        "grouped",
+        "loop",
+        "operation",
+        "queue",
+        "run",
+        "statements",
+        "tasks",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop | None,
+        operation: str,
+        run: Callable[[list[Params]], Awaitable[list[Any]]],
+        error: Callable[[str, Exception], StoreError],
+    ) -> None:
+        self.loop = loop
+        self.operation = operation
+        self.run = run
+        self.error = error
+        self.queue: list[_Call] = []
+        self.busy = 0  # statements of this kind in flight
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.statements = 0  # grouped statements sent, and the calls they carried (tests)
+        self.grouped = 0
+
+    def submit(self, ident: tuple[str, str], params: Params) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.queue.append((ident, params, future))
+        return future
+
+    def done(self) -> None:
+        """A statement of this kind returned: send what queued meanwhile."""
+        self.busy -= 1
+        while self.queue and self.busy < GROUP_FLIGHTS:
+            self._send()
+
+    def _send(self) -> None:
+        batch: list[_Call] = []
+        later: list[_Call] = []
+        seen: set[tuple[str, str]] = set()
+        for call in self.queue:
+            if call[2].done():  # cancelled while queued
+                continue
+            if call[0] in seen or len(batch) >= MAX_GROUP:
+                later.append(call)
+            else:
+                seen.add(call[0])
+                batch.append(call)
+        self.queue = later
+        if not batch:
+            return
+        # One lock order for every grouped statement of every process: no deadlocks.
+        batch.sort(key=_ident)
+        self.busy += 1
+        self.statements += 1
+        self.grouped += len(batch)
+        assert self.loop is not None
+        task = self.loop.create_task(self._flush(batch))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _flush(self, batch: list[_Call]) -> None:
+        try:
+            try:
+                results = await self.run([params for _, params, _ in batch])
+            except psycopg.errors.DeadlockDetected:  # a lock order the planner chose
+                results = [_ALONE] * len(batch)
+            except psycopg.Error as exc:
+                for _, _, future in batch:
+                    if not future.done():
+                        error = self.error(self.operation, exc)
+                        error.__cause__ = exc
+                        future.set_exception(error)
+                return
+            for (_, _, future), result in zip(batch, results, strict=True):
+                if not future.done():  # not cancelled meanwhile
+                    future.set_result(result)
+        except BaseException as exc:  # cancelled (the loop is closing), or a bug
+            for _, _, future in batch:
+                if not future.done():
+                    if isinstance(exc, Exception):
+                        future.set_exception(exc)
+                    else:
+                        future.cancel()
+            raise
+        finally:
+            self.done()
+
+
+def _ident(call: _Call) -> tuple[str, str]:
+    return call[0]
 
 
 # Listeners: one LISTEN connection per process (and event loop), shared by its waiters.
@@ -457,6 +653,7 @@ class PostgresStore:
         self._alistener_starting: asyncio.Task[_AsyncListener] | None = None
         self._alisten_retry_at = 0.0
         self._sweeper_task: asyncio.Task[None] | None = None
+        self._claims, self._completions = self._new_groups(None)
         # sync state, bound to one process
         self._lock = threading.Lock()
         self._pool: SyncPool | None = self._user_pool
@@ -495,6 +692,7 @@ class PostgresStore:
             if self._aloop is not loop:
                 # First use, or a new event loop: what belonged to the old loop stays there.
                 self._alistener = self._alistener_starting = self._sweeper_task = None
+                self._claims, self._completions = self._new_groups(loop)
                 if self._user_apool is None:
                     if self._apool is not None:
                         self._abandoned.append(self._apool)
@@ -511,6 +709,12 @@ class PostgresStore:
             elif self._schema_ready:
                 self._aready = loop
             return pool
+
+    def _new_groups(self, loop: asyncio.AbstractEventLoop | None) -> tuple[_Group, _Group]:
+        return (
+            _Group(loop, "claim", self._claim_many, self._error),
+            _Group(loop, "complete", self._complete_many, self._error),
+        )
 
     def _new_async_pool(self) -> AsyncPool:
         return AsyncConnectionPool(
@@ -608,26 +812,79 @@ class PostgresStore:
             "retention": float(retention),
         }
         pool = await self._async_pool()
+        group = self._claims
         try:
             for _ in range(CLAIM_ATTEMPTS):
-                async with pool.connection() as conn:
-                    cur = await conn.execute(self.sql.claim, params, binary=True)
-                    row = await cur.fetchone()
+                if group.busy < GROUP_FLIGHTS:  # (then nothing is queued)
+                    group.busy += 1
+                    try:
+                        row = await self._claim_one(pool, params)
+                    finally:
+                        group.done()
+                else:  # others are claiming: share their next statement
+                    row = await group.submit((scope, key), params)
+                    if row is _ALONE:
+                        row = await self._claim_one(pool, params)
                 if row is not None:
                     return _claim_result(scope, key, token, row)
         except (psycopg.Error, RecordFormatError) as exc:
             raise self._error("claim", exc) from exc
         raise StoreError(f"postgres store {self.sql.table}: claim kept racing, gave up")
 
+    async def _claim_one(self, pool: AsyncPool, params: Params) -> tuple[Any, ...] | None:
+        async with pool.connection() as conn:
+            cur = await conn.execute(self.sql.claim, params, binary=True)
+            return await cur.fetchone()
+
+    async def _claim_many(self, calls: list[Params]) -> list[Any]:
+        """Rows of the claim statement's layout, by call; None: raced, run it again."""
+        pool = await self._async_pool()
+        if len(calls) == 1:
+            return [await self._claim_one(pool, calls[0])]
+        arrays = {name: [call[name] for call in calls] for name in calls[0]}
+        async with pool.connection() as conn:
+            cur = await conn.execute(self.sql.claim_many, arrays, binary=True)
+            rows = await cur.fetchall()
+        results: list[Any] = [None] * len(calls)
+        for row in rows:
+            results[row[0] - 1] = row[1:]
+        return results
+
     async def complete(self, scope: str, key: str, token: str, response: StoredResponse) -> bool:
         params = {"scope": scope, "key": key, "token": token, "response": encode_response(response)}
         pool = await self._async_pool()
+        group = self._completions
         try:
-            async with pool.connection() as conn:
-                cur = await conn.execute(self.sql.complete, params)
-                return cur.rowcount == 1
+            if group.busy < GROUP_FLIGHTS:  # (then nothing is queued)
+                group.busy += 1
+                try:
+                    return await self._complete_one(pool, params)
+                finally:
+                    group.done()
+            done = await group.submit((scope, key), params)
+            if done is _ALONE:
+                return await self._complete_one(pool, params)
+            return bool(done)
         except psycopg.Error as exc:
             raise self._error("complete", exc) from exc
+
+    async def _complete_one(self, pool: AsyncPool, params: Params) -> bool:
+        async with pool.connection() as conn:
+            cur = await conn.execute(self.sql.complete, params)
+            return cur.rowcount == 1
+
+    async def _complete_many(self, calls: list[Params]) -> list[Any]:
+        pool = await self._async_pool()
+        if len(calls) == 1:
+            return [await self._complete_one(pool, calls[0])]
+        arrays = {name: [call[name] for call in calls] for name in calls[0]}
+        async with pool.connection() as conn:
+            cur = await conn.execute(self.sql.complete_many, arrays)
+            rows = await cur.fetchall()
+        results = [False] * len(calls)
+        for (position,) in rows:
+            results[position - 1] = True
+        return results
 
     async def release(self, scope: str, key: str, token: str) -> bool:
         pool = await self._async_pool()
