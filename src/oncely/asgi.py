@@ -240,167 +240,180 @@ class IdempotencyMiddleware:
         receive: Receive,
         send: Send,
     ) -> None:
-        store, policy, token = self.store, self.policy, context.token
-        capture = ResponseCapture(policy)
         app_scope = _capturable(scope)
         app_scope[CONTEXT_KEY] = context
-
-        def lease_lost() -> None:
-            if context.completed_in_transaction:
-                return  # the handler's own transaction completed the record: nothing lost
-            logger.warning(
-                "oncely: lease lost while the handler ran (key hash %s)", hash_key(guard.key)
-            )
-            self._emit(EventKind.LEASE_LOST, app_scope, guard, detail="renewal")
-
-        lease = self._lease_keeper().hold(store, guard, token, lease_lost)
-        observed = bool(policy.event_subscribers)
-        handler_started = time.perf_counter() if observed else 0.0
-        settled = False
-
-        async def settle(response: StoredResponse | None) -> None:
-            """Complete (or release, when `response` is None) before the last byte leaves."""
-            nonlocal settled
-            settled = True
-            lease.stop()
-            handler_duration = time.perf_counter() - handler_started if observed else 0.0
-            try:
-                if response is None:
-                    await store.release(guard.scope, guard.key, token)
-                    kind = EventKind.RELEASED
-                elif await store.complete(guard.scope, guard.key, token, response):
-                    kind = EventKind.STORED
-                elif context.completed_in_transaction:
-                    kind = EventKind.STORED  # the handler's own transaction stored it
-                else:
-                    kind = EventKind.LEASE_LOST
-                    logger.warning(
-                        "oncely: lease lost before completion; the record was taken over "
-                        "(key hash %s)", hash_key(guard.key),
-                    )  # fmt: skip
-            except StoreError as error:
-                kind = EventKind.STORE_ERROR
-                logger.error(
-                    "oncely store %s failed at completion; the claim lapses with its lease: %s",
-                    store.name, error,
-                )  # fmt: skip
-            if observed:
-                self._emit(
-                    kind, app_scope, guard,
-                    status=capture.status if response is None else response.status,
-                    duration=time.perf_counter() - handler_started - handler_duration,
-                    handler_duration=handler_duration,
-                    detail="completion" if kind is EventKind.STORE_ERROR else None,
-                )  # fmt: skip
-
-        async def capturing_send(message: Message) -> None:
-            kind = message["type"]
-            if kind == "http.response.start":
-                capture.start(message["status"], message.get("headers", ()))
-            elif kind == "http.response.body":
-                capture.body(message.get("body", b""))
-                if not message.get("more_body", False) and not settled:
-                    await settle(capture.stored_response() if capture.should_store() else None)
-            await send(message)
-
+        exchange = _Exchange(self, guard, context, app_scope, body, receive, send)
         try:
-            await self.app(app_scope, replaying_receive(body, receive), capturing_send)
+            await self.app(app_scope, exchange.receive, exchange.send)
         except Exception:
-            if not settled:
-                failure = failure_response(policy)
-                await settle(failure if policy.on_exception == "store" else None)
-                if not capture.started:
+            if not exchange.settled:
+                failure = failure_response(self.policy)
+                await exchange.settle(failure if self.policy.on_exception == "store" else None)
+                if not exchange.capture.started:
                     await send_stored(send, failure)
             raise
         finally:
-            lease.stop()
-        if not settled:
+            exchange.stop_renewing()
+        if not exchange.settled:
             # The app returned without finishing its response: keep what it sent, if
             # anything; otherwise the server answers 500 and the key is released.
-            await settle(capture.stored_response() if capture.should_store() else None)
+            await exchange.settle(exchange.stored_or_none())
+
+    def _lease_lost(self, exchange: _Exchange) -> None:
+        if exchange.context.completed_in_transaction:
+            return  # the handler's own transaction completed the record: nothing lost
+        logger.warning(
+            "oncely: lease lost while the handler ran (key hash %s)", hash_key(exchange.guard.key)
+        )
+        self._emit(EventKind.LEASE_LOST, exchange.scope, exchange.guard, detail="renewal")
 
 
-class HeldLease:
-    """One running handler's claim, renewed by its loop's `LeaseKeeper`."""
+class _Exchange:
+    """One guarded request whose handler runs: it hands the handler the buffered body,
+    captures the response, and completes the record before the last byte leaves."""
 
-    __slots__ = ("guard", "held", "keeper", "on_lost", "store", "task", "token")
+    __slots__ = (
+        "body", "body_delivered", "capture", "context", "guard", "holding", "keeper",
+        "middleware", "observed", "receive_more", "scope", "send_on", "settled", "started",
+    )  # fmt: skip
 
     def __init__(
         self,
-        keeper: LeaseKeeper,
-        store: AsyncStore,
+        middleware: IdempotencyMiddleware,
         guard: Guard,
-        token: str,
-        on_lost: Callable[[], None],
+        context: IdempotencyContext,
+        scope: Scope,
+        body: bytes,
+        receive: Receive,
+        send: Send,
     ) -> None:
-        self.keeper, self.store, self.guard, self.token = keeper, store, guard, token
-        self.on_lost = on_lost
-        self.held = True
-        self.task: asyncio.Task[None] | None = None
+        self.middleware, self.guard, self.context, self.scope = middleware, guard, context, scope
+        self.body, self.receive_more, self.send_on = body, receive, send
+        self.body_delivered = self.settled = False
+        self.capture = ResponseCapture(middleware.policy)
+        self.observed = bool(middleware.policy.event_subscribers)
+        self.started = time.perf_counter() if self.observed else 0.0
+        self.keeper = middleware._lease_keeper()
+        self.keeper.hold(self)
+        self.holding = True
 
-    def stop(self) -> None:
-        if self.held:
-            self.held = False
+    def stop_renewing(self) -> None:
+        if self.holding:
+            self.holding = False
             self.keeper.drop(self)
+
+    async def receive(self) -> Message:
+        """The buffered body once, then the real `receive` (so a disconnect is reported
+        when it really happens, never invented)."""
+        if not self.body_delivered:
+            self.body_delivered = True
+            return {"type": "http.request", "body": self.body, "more_body": False}
+        return await self.receive_more()
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.body":
+            self.capture.body(message.get("body", b""))
+            if not message.get("more_body", False) and not self.settled:
+                await self.settle(self.stored_or_none())
+        elif kind == "http.response.start":
+            self.capture.start(message["status"], message.get("headers", ()))
+        await self.send_on(message)
+
+    def stored_or_none(self) -> StoredResponse | None:
+        capture = self.capture
+        return capture.stored_response() if capture.should_store() else None
+
+    async def settle(self, response: StoredResponse | None) -> None:
+        """Complete (or release, when `response` is None) before the last byte leaves."""
+        self.settled = True
+        self.stop_renewing()
+        guard, store, token = self.guard, self.middleware.store, self.context.token
+        handler_duration = time.perf_counter() - self.started if self.observed else 0.0
+        try:
+            if response is None:
+                await store.release(guard.scope, guard.key, token)
+                kind = EventKind.RELEASED
+            elif await store.complete(guard.scope, guard.key, token, response):
+                kind = EventKind.STORED
+            elif self.context.completed_in_transaction:
+                kind = EventKind.STORED  # the handler's own transaction stored it
+            else:
+                kind = EventKind.LEASE_LOST
+                logger.warning(
+                    "oncely: lease lost before completion; the record was taken over "
+                    "(key hash %s)", hash_key(guard.key),
+                )  # fmt: skip
+        except StoreError as error:
+            kind = EventKind.STORE_ERROR
+            logger.error(
+                "oncely store %s failed at completion; the claim lapses with its lease: %s",
+                store.name, error,
+            )  # fmt: skip
+        if self.observed:
+            self.middleware._emit(
+                kind, self.scope, guard,
+                status=self.capture.status if response is None else response.status,
+                duration=time.perf_counter() - self.started - handler_duration,
+                handler_duration=handler_duration,
+                detail="completion" if kind is EventKind.STORE_ERROR else None,
+            )  # fmt: skip
 
 
 class LeaseKeeper:
-    """Renews, every third of the lease (SPEC §3), the claims of the handlers running on
-    one event loop, with one timer for all: a fast handler (the common case) only enters
-    and leaves a dict, and never pays for a timer or a task."""
+    """Renews the claims of the handlers running on one event loop (SPEC §3), from one
+    periodic timer that runs every third of the lease while any handler runs.
 
-    __slots__ = ("_due", "_lease", "_period", "_timer", "loop")
+    A handler that entered since the last tick is renewed at the tick after next: every
+    claim is renewed between one and two thirds of its lease after it was last set. A
+    fast handler (the common case) only enters and leaves a dict: no clock read, no
+    timer, no task of its own.
+    """
+
+    __slots__ = ("_aged", "_fresh", "_lease", "_period", "_renewing", "_timer", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, lease: float) -> None:
         self.loop = loop
         self._lease = lease
         self._period = lease / 3
-        # Insertion order is due order: every entry is due one period after it (re)entered.
-        self._due: dict[HeldLease, float] = {}
+        self._fresh: dict[_Exchange, bool] = {}  # entered since the last tick
+        self._aged: dict[_Exchange, bool] = {}  # renewed at the next tick
+        self._renewing: dict[_Exchange, asyncio.Task[None]] = {}
         self._timer: asyncio.TimerHandle | None = None
 
-    def hold(
-        self, store: AsyncStore, guard: Guard, token: str, on_lost: Callable[[], None]
-    ) -> HeldLease:
-        held = HeldLease(self, store, guard, token, on_lost)
-        self._enter(held)
-        return held
-
-    def _enter(self, held: HeldLease) -> None:
-        due = self.loop.time() + self._period
-        self._due[held] = due
+    def hold(self, exchange: _Exchange) -> None:
+        self._fresh[exchange] = True
         if self._timer is None:
-            self._timer = self.loop.call_at(due, self._tick)
+            self._timer = self.loop.call_later(self._period, self._tick)
 
-    def drop(self, held: HeldLease) -> None:
-        self._due.pop(held, None)
-        if held.task is not None and not held.task.done():
-            held.task.cancel()
+    def drop(self, exchange: _Exchange) -> None:
+        if self._fresh.pop(exchange, False) or self._aged.pop(exchange, False):
+            return
+        task = self._renewing.pop(exchange, None)
+        if task is not None:
+            task.cancel()
 
     def _tick(self) -> None:
-        self._timer = None
-        now = self.loop.time()
-        due = self._due
-        while due:
-            held, at = next(iter(due.items()))
-            if at > now:
-                self._timer = self.loop.call_at(at, self._tick)
-                return
-            del due[held]
-            held.task = self.loop.create_task(self._renew(held))
+        due, self._aged, self._fresh = self._aged, self._fresh, {}
+        for exchange in due:
+            self._renewing[exchange] = self.loop.create_task(self._renew(exchange))
+        busy = self._aged or self._renewing
+        self._timer = self.loop.call_later(self._period, self._tick) if busy else None
 
-    async def _renew(self, held: HeldLease) -> None:
-        guard = held.guard
+    async def _renew(self, exchange: _Exchange) -> None:
+        guard = exchange.guard
         try:
-            renewed = await held.store.renew(guard.scope, guard.key, held.token, lease=self._lease)
+            renewed = await exchange.middleware.store.renew(
+                guard.scope, guard.key, exchange.context.token, lease=self._lease
+            )
         except StoreError as error:
             logger.warning("oncely: lease renewal failed, will retry: %s", error)
             renewed = True
+        self._renewing.pop(exchange, None)
         if not renewed:
-            held.on_lost()
-            return
-        if held.held:
-            self._enter(held)
+            exchange.middleware._lease_lost(exchange)
+        elif exchange.holding:
+            self.hold(exchange)
 
 
 class Disconnected:

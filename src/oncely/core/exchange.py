@@ -97,7 +97,7 @@ def admit(
     if scope is None and policy.scope_resolver is not None and environment is not None:
         scope = policy.scope_resolver(environment)
     scope = scope_from_value(scope) if scope is not None else credential_scope(credentials)
-    return Guard(key=key, scope=scope, content_type=content_type)
+    return Guard(key, scope, content_type)
 
 
 def fingerprint_of(
@@ -126,7 +126,7 @@ def new_token() -> str:
     (`next` on a count is atomic, so threads never share one) and, through the prefix,
     across processes; no system call per request. A forked child draws a new prefix.
     """
-    return f"{_token_prefix_hex}{next(_token_counter):016x}"
+    return _token_prefix_hex + hex(next(_token_counter))
 
 
 def _new_token_prefix() -> None:
@@ -173,7 +173,7 @@ class ResponseCapture:
     def start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
         self.status = status
         keeps = self.policy.keeps_header
-        self.headers = tuple((name, value) for name, value in headers if keeps(name))
+        self.headers = tuple([(name, value) for name, value in headers if keeps(name)])
 
     def body(self, chunk: bytes) -> None:
         if self.overflowed or not chunk:
