@@ -91,20 +91,25 @@ FROM {TABLE}
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
 
+_STATES = {state.value: state for state in RecordState}
+
+
 def record_from_row(row: tuple[Any, ...]) -> Record:
-    state = RecordState(row[3])
+    state = _STATES.get(row[3])
+    if state is None:
+        state = RecordState(row[3])  # raises: not a state
     blob = row[9]
     return Record(
-        scope=row[0],
-        key=row[1],
-        fingerprint=row[2],
-        state=state,
-        token=row[4],
-        attempts=row[5],
-        created_at=row[6],
-        expires_at=row[7],
-        lease_expires_at=row[8],
-        response=decode_response(blob) if blob is not None else None,
+        row[0],  # scope
+        row[1],  # key
+        row[2],  # fingerprint
+        state,
+        row[4],  # token
+        row[5],  # attempts
+        row[6],  # created_at
+        row[7],  # expires_at
+        row[8],  # lease_expires_at
+        decode_response(blob) if blob is not None else None,
     )
 
 
@@ -163,47 +168,66 @@ class SQLiteStore:
                 self._connections.append(connection)
         return connection
 
-    def _run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+    def _run(self, operation: Callable[..., T], *args: Any) -> T:
         try:
-            return operation(self._connection())
+            return operation(self._connection(), *args)
         except (sqlite3.Error, RecordFormatError) as exc:
             raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+
+    # the operations: each takes the connection first; the writer thread and the sync
+    # twins run the same functions -----------------------------------------------------
+
+    def _claim(
+        self,
+        db: sqlite3.Connection,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        token: str,
+        lease: float,
+        retention: float,
+    ) -> ClaimResult:
+        """The claim, to run inside an IMMEDIATE transaction (it holds the write lock,
+        so the read and the write are one atomic step across processes)."""
+        now = self._clock()
+        row = db.execute(SELECT_RECORD, (scope, key)).fetchone()
+        existing = record_from_row(row) if row is not None else None
+        transition = claim_transition(existing, fingerprint, now)
+        if transition is ClaimTransition.INSERT:
+            db.execute(
+                UPSERT_CLAIM, (scope, key, fingerprint, token, now, now + retention, now + lease)
+            )
+            return Claimed(token, 1)
+        assert existing is not None
+        if transition is ClaimTransition.TAKE_OVER:
+            db.execute(TAKE_OVER, (token, now + lease, scope, key))
+            return Claimed(token, existing.attempts + 1, took_over=True)
+        return Existing(existing, now)
+
+    def _renew(
+        self, db: sqlite3.Connection, scope: str, key: str, token: str, lease: float
+    ) -> bool:
+        now = self._clock()
+        return db.execute(RENEW, (now + lease, scope, key, token, now)).rowcount == 1
+
+    def _get(self, db: sqlite3.Connection, scope: str, key: str) -> Record | None:
+        row = db.execute(SELECT_RECORD, (scope, key)).fetchone()
+        if row is None or row[7] <= self._clock():
+            return None
+        return record_from_row(row)
 
     # sync twins -------------------------------------------------------------------
 
     def claim_sync(
         self, scope: str, key: str, fingerprint: str, token: str, *, lease: float, retention: float
     ) -> ClaimResult:
-        claim = self._claim_op(scope, key, fingerprint, token, lease, retention)
-        return self._run(lambda db: _in_transaction(db, claim))
-
-    def _claim_op(
-        self, scope: str, key: str, fingerprint: str, token: str, lease: float, retention: float
-    ) -> Operation[ClaimResult]:
-        """The claim, to run inside an IMMEDIATE transaction (it holds the write lock,
-        so the read and the write are one atomic step across processes)."""
-
-        def claim(db: sqlite3.Connection) -> ClaimResult:
-            now = self._clock()
-            row = db.execute(SELECT_RECORD, (scope, key)).fetchone()
-            existing = record_from_row(row) if row is not None else None
-            transition = claim_transition(existing, fingerprint, now)
-            if transition is ClaimTransition.INSERT:
-                db.execute(
-                    UPSERT_CLAIM,
-                    (scope, key, fingerprint, token, now, now + retention, now + lease),
-                )
-                return Claimed(token, 1)
-            assert existing is not None
-            if transition is ClaimTransition.TAKE_OVER:
-                db.execute(TAKE_OVER, (token, now + lease, scope, key))
-                return Claimed(token, existing.attempts + 1, took_over=True)
-            return Existing(existing, now)
-
-        return claim
+        claimed: ClaimResult = self._run(
+            _in_transaction, self._claim, scope, key, fingerprint, token, lease, retention
+        )
+        return claimed
 
     def complete_sync(self, scope: str, key: str, token: str, response: StoredResponse) -> bool:
-        return self._run(_complete_op(scope, key, token, response))
+        return self._run(_complete, scope, key, token, encode_response(response))
 
     def complete_in_transaction_sync(
         self,
@@ -218,33 +242,16 @@ class SQLiteStore:
 
         False: the token no longer holds the lease; roll back. Errors are sqlite3's own.
         """
-        blob = encode_response(response)
-        return connection.execute(COMPLETE, (blob, scope, key, token)).rowcount == 1
+        return _complete(connection, scope, key, token, encode_response(response))
 
     def release_sync(self, scope: str, key: str, token: str) -> bool:
-        return self._run(_release_op(scope, key, token))
+        return self._run(_release, scope, key, token)
 
     def renew_sync(self, scope: str, key: str, token: str, *, lease: float) -> bool:
-        return self._run(self._renew_op(scope, key, token, lease))
-
-    def _renew_op(self, scope: str, key: str, token: str, lease: float) -> Operation[bool]:
-        def renew(db: sqlite3.Connection) -> bool:
-            now = self._clock()
-            return db.execute(RENEW, (now + lease, scope, key, token, now)).rowcount == 1
-
-        return renew
+        return self._run(self._renew, scope, key, token, lease)
 
     def get_sync(self, scope: str, key: str) -> Record | None:
-        return self._run(self._get_op(scope, key))
-
-    def _get_op(self, scope: str, key: str) -> Operation[Record | None]:
-        def get(db: sqlite3.Connection) -> Record | None:
-            row = db.execute(SELECT_RECORD, (scope, key)).fetchone()
-            if row is None or row[7] <= self._clock():
-                return None
-            return record_from_row(row)
-
-        return get
+        return self._run(self._get, scope, key)
 
     def wait_sync(self, scope: str, key: str, timeout: float) -> Record | None:
         return poll_until_settled_sync(lambda: self.get_sync(scope, key), timeout)
@@ -287,28 +294,43 @@ class SQLiteStore:
 
     # async methods: the same operations, group-committed on the store's own thread ---
 
-    def _submit(self, operation: Operation[T]) -> asyncio.Future[T]:
+    def _submit(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        operation: Callable[..., T],
+        *args: Any,
+    ) -> asyncio.Future[T]:
         committer = self._committer
-        if committer is None or committer.pid != os.getpid():  # new, or forked
+        if committer is None or committer.pid != _pid:  # new, or forked
             committer = self._committer = GroupCommitter(self)
-        return committer.submit(operation)
+        return committer.submit(loop, operation, args)
 
     async def claim(
         self, scope: str, key: str, fingerprint: str, token: str, *, lease: float, retention: float
     ) -> ClaimResult:
-        return await self._submit(self._claim_op(scope, key, fingerprint, token, lease, retention))
+        return await self._submit(
+            asyncio.get_running_loop(),
+            self._claim,
+            scope,
+            key,
+            fingerprint,
+            token,
+            lease,
+            retention,
+        )
 
     async def complete(self, scope: str, key: str, token: str, response: StoredResponse) -> bool:
-        return await self._submit(_complete_op(scope, key, token, response))
+        blob = encode_response(response)
+        return await self._submit(asyncio.get_running_loop(), _complete, scope, key, token, blob)
 
     async def release(self, scope: str, key: str, token: str) -> bool:
-        return await self._submit(_release_op(scope, key, token))
+        return await self._submit(asyncio.get_running_loop(), _release, scope, key, token)
 
     async def renew(self, scope: str, key: str, token: str, *, lease: float) -> bool:
-        return await self._submit(self._renew_op(scope, key, token, lease))
+        return await self._submit(asyncio.get_running_loop(), self._renew, scope, key, token, lease)
 
     async def get(self, scope: str, key: str) -> Record | None:
-        return await self._submit(self._get_op(scope, key))
+        return await self._submit(asyncio.get_running_loop(), self._get, scope, key)
 
     async def wait(self, scope: str, key: str, timeout: float) -> Record | None:
         return await poll_until_settled(lambda: self.get(scope, key), timeout)
@@ -323,14 +345,23 @@ class SQLiteStore:
         self.close()
 
 
-Operation = Callable[[sqlite3.Connection], T]
 MAX_BATCH = 256  # operations per group commit: bounds how long the write lock is held
 
+_pid = os.getpid()  # this process's id without a system call per operation
 
-def _in_transaction(db: sqlite3.Connection, operation: Operation[T]) -> T:
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _in_transaction(db: sqlite3.Connection, operation: Callable[..., T], *args: Any) -> T:
     db.execute("BEGIN IMMEDIATE")  # takes the write lock
     try:
-        result = operation(db)
+        result = operation(db, *args)
         db.execute("COMMIT")
         return result
     except BaseException:
@@ -339,39 +370,68 @@ def _in_transaction(db: sqlite3.Connection, operation: Operation[T]) -> T:
         raise
 
 
-def _complete_op(scope: str, key: str, token: str, response: StoredResponse) -> Operation[bool]:
-    blob = encode_response(response)
-    return lambda db: db.execute(COMPLETE, (blob, scope, key, token)).rowcount == 1
+def _complete(db: sqlite3.Connection, scope: str, key: str, token: str, blob: bytes) -> bool:
+    return db.execute(COMPLETE, (blob, scope, key, token)).rowcount == 1
 
 
-def _release_op(scope: str, key: str, token: str) -> Operation[bool]:
-    return lambda db: db.execute(RELEASE, (scope, key, token)).rowcount == 1
+def _release(db: sqlite3.Connection, scope: str, key: str, token: str) -> bool:
+    return db.execute(RELEASE, (scope, key, token)).rowcount == 1
 
 
 Outcome = tuple["asyncio.Future[Any]", bool, Any]
+# What the writer runs: the operation, its arguments after the connection, the future.
+Pending = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
+# One event loop turn's operations, handed over together.
+Chunk = tuple[asyncio.AbstractEventLoop, list[Pending]]
 
 
 class GroupCommitter:
     """The async path's one thread: it runs every pending operation in one IMMEDIATE
     transaction and commits once, so concurrent requests share one fsync instead of
     paying one each. Each result is handed back only after the commit (durable), and
-    through the waiting future's own event loop."""
+    through the waiting future's own event loop, one wake-up per loop and batch.
+
+    An event loop hands over what its callbacks submitted during one turn as one chunk,
+    at the end of that turn: one hand-over (and at most one wake-up of this thread) per
+    turn instead of one per operation, and batches as large as the load allows.
+    """
 
     def __init__(self, store: SQLiteStore) -> None:
-        self.pid = os.getpid()
+        self.pid = _pid
         self._store = store
-        self._queue: queue.SimpleQueue[tuple[Operation[Any], asyncio.Future[Any]] | None] = (
-            queue.SimpleQueue()
-        )
+        self._queue: queue.SimpleQueue[Chunk | None] = queue.SimpleQueue()
+        self._pending: dict[asyncio.AbstractEventLoop, list[Pending]] = {}
+        self._stopped = False
         self._thread = threading.Thread(target=self._serve, name="oncely-sqlite", daemon=True)
         self._thread.start()
 
-    def submit(self, operation: Operation[T]) -> asyncio.Future[T]:
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put((operation, future))
+    def submit(
+        self, loop: asyncio.AbstractEventLoop, operation: Callable[..., T], args: tuple[Any, ...]
+    ) -> asyncio.Future[T]:
+        future: asyncio.Future[T] = loop.create_future()
+        pending = self._pending.get(loop)
+        if pending is None:
+            pending = self._pending[loop] = []
+            loop.call_soon(self._hand_over, loop)
+        pending.append((operation, args, future))
         return future
 
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        pending = self._pending.pop(loop, None)
+        if not pending:
+            return
+        if self._stopped:  # closed meanwhile: nothing will run them
+            error = StoreError(f"sqlite store {self._store.path}: closed")
+            _resolve([(future, False, error) for _, _, future in pending])
+            return
+        self._queue.put((loop, pending))
+
     def stop(self) -> None:
+        self._stopped = True
+        for loop in list(self._pending):  # submitted before the close: they still run
+            pending = self._pending.pop(loop, None)
+            if pending:
+                self._queue.put((loop, pending))
         self._queue.put(None)
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
@@ -380,57 +440,68 @@ class GroupCommitter:
         db: sqlite3.Connection | None = None
         stopping = False
         while not stopping:
-            item = self._queue.get()
-            if item is None:
+            chunk = self._queue.get()
+            if chunk is None:
                 break
-            batch = [item]
-            while len(batch) < MAX_BATCH:
+            batch = [chunk]
+            size = len(chunk[1])
+            while size < MAX_BATCH:
                 try:
-                    item = self._queue.get_nowait()
+                    chunk = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if item is None:
+                if chunk is None:
                     stopping = True
                     break
-                batch.append(item)
+                batch.append(chunk)
+                size += len(chunk[1])
             try:
                 if db is None:
                     db = self._store.connect()
                 outcomes = _commit(db, batch)
             except sqlite3.Error as exc:
                 error = StoreError(f"sqlite store {self._store.path}: {exc}")
-                outcomes = [(future, False, error) for _, future in batch]
+                outcomes = [
+                    (loop, [(future, False, error) for _, _, future in pending])
+                    for loop, pending in batch
+                ]
             _deliver(outcomes)
         if db is not None:
             db.close()
 
 
 def _commit(
-    db: sqlite3.Connection, batch: list[tuple[Operation[Any], asyncio.Future[Any]]]
-) -> list[Outcome]:
-    outcomes: list[Outcome] = []
+    db: sqlite3.Connection, batch: list[Chunk]
+) -> list[tuple[asyncio.AbstractEventLoop, list[Outcome]]]:
+    delivered: list[tuple[asyncio.AbstractEventLoop, list[Outcome]]] = []
     db.execute("BEGIN IMMEDIATE")
     try:
-        for operation, future in batch:
-            try:
-                outcomes.append((future, True, operation(db)))
-            except RecordFormatError as exc:  # one bad record fails its own request only
-                outcomes.append((future, False, StoreError(f"sqlite store: {exc}")))
+        for loop, pending in batch:
+            outcomes: list[Outcome] = []
+            for operation, args, future in pending:
+                try:
+                    outcomes.append((future, True, operation(db, *args)))
+                except RecordFormatError as exc:  # one bad record fails its own request only
+                    outcomes.append((future, False, StoreError(f"sqlite store: {exc}")))
+            delivered.append((loop, outcomes))
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
-    return outcomes
+    return delivered
 
 
-def _deliver(outcomes: list[Outcome]) -> None:
+def _deliver(delivered: list[tuple[asyncio.AbstractEventLoop, list[Outcome]]]) -> None:
     by_loop: dict[asyncio.AbstractEventLoop, list[Outcome]] = {}
-    for outcome in outcomes:
-        by_loop.setdefault(outcome[0].get_loop(), []).append(outcome)
-    for loop, items in by_loop.items():
+    for loop, outcomes in delivered:
+        if loop in by_loop:
+            by_loop[loop] += outcomes
+        else:
+            by_loop[loop] = outcomes
+    for loop, outcomes in by_loop.items():
         with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits
-            loop.call_soon_threadsafe(_resolve, items)
+            loop.call_soon_threadsafe(_resolve, outcomes)
 
 
 def _resolve(outcomes: list[Outcome]) -> None:

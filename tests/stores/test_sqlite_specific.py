@@ -1,0 +1,189 @@
+"""What only the SQLite store does: the async operations of one event loop turn are
+handed to the store's thread together and group-committed, one IMMEDIATE transaction and
+one fsync per batch. The shared contract suite covers the behaviour; these tests pin down
+the edges of batching (one key claimed many times in one batch, a bad record in a batch,
+a close with operations still queued) and of expiry under the store's clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from oncely.core import Claimed, Existing, RecordState, StoredResponse
+from oncely.stores import sqlite as sqlite_module
+from oncely.stores.base import StoreError
+from oncely.stores.sqlite import SQLiteStore
+
+FP = "f" * 32
+OTHER_FP = "0" * 32
+RESPONSE = StoredResponse(201, ((b"content-type", b"application/json"),), b'{"id": 1}')
+T0 = 1_000_000.0
+
+pytestmark = pytest.mark.anyio
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path: Path, clock: Clock) -> Iterator[SQLiteStore]:
+    store = SQLiteStore(tmp_path / "oncely.db", clock=clock)
+    yield store
+    store.close()
+
+
+async def completed(store: SQLiteStore, key: str, *, retention: float = 60.0) -> None:
+    claimed = await store.claim("s", key, FP, "t-" + key, lease=30.0, retention=retention)
+    assert claimed == Claimed("t-" + key, 1)
+    assert await store.complete("s", key, "t-" + key, RESPONSE)
+
+
+async def test_a_replay_and_a_mismatch_report_the_completed_record(store: SQLiteStore) -> None:
+    await completed(store, "k")
+    for fingerprint in (FP, OTHER_FP):
+        result = await store.claim("s", "k", fingerprint, "other", lease=30.0, retention=60.0)
+        assert isinstance(result, Existing)
+        assert result.record.state is RecordState.COMPLETED
+        assert result.record.response == RESPONSE
+        assert result.record.token == "t-k"
+        assert result.now == T0
+
+
+async def test_an_expired_completed_record_is_claimable(store: SQLiteStore, clock: Clock) -> None:
+    await completed(store, "k", retention=10.0)
+    clock.now = T0 + 10.0  # expires_at <= now: expired
+    result = await store.claim("s", "k", FP, "fresh", lease=30.0, retention=60.0)
+    assert result == Claimed("fresh", 1)
+    record = await store.get("s", "k")
+    assert record is not None
+    assert record.state is RecordState.IN_FLIGHT
+    assert record.token == "fresh"
+
+
+def test_an_expired_completed_record_is_claimable_sync(store: SQLiteStore, clock: Clock) -> None:
+    assert store.claim_sync("s", "k", FP, "t", lease=30.0, retention=10.0) == Claimed("t", 1)
+    assert store.complete_sync("s", "k", "t", RESPONSE)
+    clock.now = T0 + 10.0
+    assert store.claim_sync("s", "k", FP, "fresh", lease=30.0, retention=60.0) == Claimed(
+        "fresh", 1
+    )
+
+
+async def test_an_in_flight_record_is_kept_until_its_lease_lapses(
+    store: SQLiteStore, clock: Clock
+) -> None:
+    assert await store.claim("s", "k", FP, "first", lease=30.0, retention=60.0) == Claimed(
+        "first", 1
+    )
+    result = await store.claim("s", "k", FP, "second", lease=30.0, retention=60.0)
+    assert isinstance(result, Existing)
+    assert result.record.state is RecordState.IN_FLIGHT
+    assert result.lease_remaining == 30.0
+    clock.now = T0 + 30.0  # the lease lapsed: taken over
+    result = await store.claim("s", "k", FP, "third", lease=30.0, retention=60.0)
+    assert result == Claimed("third", 2, took_over=True)
+    assert not await store.complete("s", "k", "first", RESPONSE)  # fenced out
+    assert await store.complete("s", "k", "third", RESPONSE)
+
+
+async def test_an_unreadable_record_fails_only_its_own_request(store: SQLiteStore) -> None:
+    await completed(store, "k")
+    db = store.connect()
+    db.execute(f"UPDATE {sqlite_module.TABLE} SET response = x'ff00' WHERE key = 'k'")
+    db.close()
+    bad, good = await asyncio.gather(  # one batch: the other claim still commits
+        store.claim("s", "k", FP, "other", lease=30.0, retention=60.0),
+        store.claim("s", "fine", FP, "t", lease=30.0, retention=60.0),
+        return_exceptions=True,
+    )
+    assert isinstance(bad, StoreError)
+    assert good == Claimed("t", 1)
+    with pytest.raises(StoreError):
+        store.claim_sync("s", "k", FP, "other", lease=30.0, retention=60.0)
+    record = store.get_sync("s", "fine")
+    assert record is not None
+    assert record.state is RecordState.IN_FLIGHT
+
+
+async def test_a_completion_is_seen_by_the_next_claim_on_the_same_loop(
+    store: SQLiteStore,
+) -> None:
+    for i in range(20):
+        key = f"k{i}"
+        assert await store.claim("s", key, FP, "t", lease=30.0, retention=60.0) == Claimed("t", 1)
+        assert await store.complete("s", key, "t", RESPONSE)
+        result = await store.claim("s", key, FP, "again", lease=30.0, retention=60.0)
+        assert isinstance(result, Existing)
+        assert result.record.state is RecordState.COMPLETED
+
+
+async def test_a_completion_by_another_connection_is_seen(store: SQLiteStore) -> None:
+    assert await store.claim("s", "k", FP, "t", lease=30.0, retention=60.0) == Claimed("t", 1)
+    other = SQLiteStore(store.path, clock=store._clock)
+    try:
+        assert other.complete_sync("s", "k", "t", RESPONSE)  # another connection, as a process
+    finally:
+        other.close()
+    await asyncio.sleep(0)  # a new loop turn
+    result = await store.claim("s", "k", FP, "again", lease=30.0, retention=60.0)
+    assert isinstance(result, Existing)
+    assert result.record.state is RecordState.COMPLETED
+
+
+async def test_simultaneous_claims_of_one_key_in_one_batch(store: SQLiteStore) -> None:
+    results = await asyncio.gather(
+        *(store.claim("s", "k", FP, f"t{i}", lease=30.0, retention=60.0) for i in range(40))
+    )
+    claimed = [r for r in results if isinstance(r, Claimed)]
+    assert len(claimed) == 1
+    others = [r for r in results if isinstance(r, Existing)]
+    assert len(others) == 39
+    assert all(r.record.token == claimed[0].token for r in others)
+
+
+async def test_concurrent_requests_share_commits(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches: list[int] = []
+    commit: Callable[..., Any] = sqlite_module._commit
+
+    def counting(db: sqlite3.Connection, batch: list[Any]) -> Any:
+        batches.append(sum(len(pending) for _, pending in batch))
+        return commit(db, batch)
+
+    monkeypatch.setattr(sqlite_module, "_commit", counting)
+
+    async def request(i: int) -> None:
+        key = f"k{i}"
+        assert await store.claim("s", key, FP, key, lease=30.0, retention=60.0) == Claimed(key, 1)
+        assert await store.complete("s", key, key, RESPONSE)
+
+    await asyncio.gather(*(request(i) for i in range(64)))
+    assert sum(batches) == 128
+    assert len(batches) < 64  # one turn's operations go together
+
+
+async def test_operations_submitted_before_close_still_run(store: SQLiteStore) -> None:
+    task = asyncio.create_task(store.claim("s", "k", FP, "t", lease=30.0, retention=60.0))
+    await asyncio.sleep(0)  # the claim is submitted, not yet handed over
+    store.close()
+    assert await asyncio.wait_for(task, 5) == Claimed("t", 1)
+    record = store.get_sync("s", "k")
+    assert record is not None
+    assert record.state is RecordState.IN_FLIGHT
