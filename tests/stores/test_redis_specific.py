@@ -161,6 +161,87 @@ def test_concurrent_async_calls_share_one_pipeline(
     assert after.get("evalsha", 0) - before.get("evalsha", 0) <= 51 + 10
 
 
+def test_a_batch_keeps_each_calls_own_error_and_survives_a_cancelled_caller(
+    private_store: RedisStore, admin: redis.Redis
+) -> None:
+    """One call's Redis error is that call's StoreError; a caller cancelled while its
+    batch is on the wire takes nothing down with it."""
+    sc = scope()
+    admin.set(private_store.record_key(sc, "not-a-hash"), "x")  # WRONGTYPE for HMGET
+
+    async def scenario() -> list[Any]:
+        try:
+            calls = [
+                asyncio.ensure_future(
+                    private_store.claim(sc, k, FP, f"t-{k}", lease=5, retention=5)
+                )
+                for k in ("a", "not-a-hash", "b", "c", "d")
+            ]
+            for _ in range(2):  # the batch gathers them all, then goes out
+                await asyncio.sleep(0)
+            calls[2].cancel()
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            # The store goes on: the connection the batch used is still good.
+            results.append(await private_store.claim(sc, "e", FP, "t-e", lease=5, retention=5))
+            return results
+        finally:
+            await private_store.aclose()
+
+    a, wrong, b, c, d, e = asyncio.run(scenario())
+    assert isinstance(wrong, StoreError)
+    assert "WRONGTYPE" in str(wrong)
+    assert isinstance(b, asyncio.CancelledError)
+    assert all(isinstance(result, Claimed) for result in (a, c, d, e))
+    assert admin.hget(private_store.record_key(sc, "c"), "t") == b"t-c"
+
+
+def test_a_connection_the_server_dropped_is_retried_once(
+    private_store: RedisStore, admin: redis.Redis
+) -> None:
+    sc = scope()
+
+    async def scenario() -> list[Any]:
+        try:
+            await private_store.claim(sc, "warm", FP, "w", lease=5, retention=5)
+            admin.client_kill_filter(_type="normal", skipme=True)  # the store's connections
+            return list(
+                await asyncio.gather(
+                    *(private_store.claim(sc, k, FP, "t", lease=5, retention=5) for k in "xyz")
+                )
+            )
+        finally:
+            await private_store.aclose()
+
+    assert all(isinstance(result, Claimed) for result in asyncio.run(scenario()))
+
+
+def test_aclose_closes_every_connection_the_store_opened(
+    private_server: RedisServer, admin: redis.Redis
+) -> None:
+    def connected() -> int:
+        return int(admin.info("clients")["connected_clients"])
+
+    before = connected()
+    store = RedisStore(private_server.url, prefix=unique_prefix())
+    sc = scope()
+
+    async def scenario() -> int:
+        await asyncio.gather(
+            *(store.claim(sc, f"k{i}", FP, "t", lease=5, retention=5) for i in range(50))
+        )
+        await asyncio.gather(*(store.complete(sc, f"k{i}", "t", RESPONSE) for i in range(50)))
+        during = connected()
+        await store.aclose()
+        return during
+
+    during = asyncio.run(scenario())
+    assert before < during <= before + 4  # a few batches on the wire at once, no more
+    deadline = time.monotonic() + 2
+    while connected() > before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert connected() == before
+
+
 # the claim script is claim_transition ---------------------------------------------
 
 
