@@ -33,3 +33,17 @@ def test_unknown_version_and_truncation_are_errors() -> None:
         decode_response(b"\x09" + blob[1:])
     with pytest.raises(RecordFormatError):
         decode_response(blob[:8])
+
+
+def test_a_record_cut_inside_a_header_is_an_error_not_a_short_header() -> None:
+    blob = encode_response(StoredResponse(200, ((b"content-type", b"application/json"),), b""))
+    for cut in range(1, len(blob)):
+        with pytest.raises(RecordFormatError):
+            decode_response(blob[:cut])
+
+
+def test_drivers_buffers_decode_like_bytes() -> None:
+    response = StoredResponse(201, ((b"a", b"b"),), b"body", replayable=False)
+    blob = encode_response(response)
+    assert decode_response(memoryview(blob)) == response
+    assert decode_response(bytearray(blob)) == response

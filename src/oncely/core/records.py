@@ -61,27 +61,25 @@ def encode_response(response: StoredResponse) -> bytes:
     return b"".join(parts)
 
 
-def decode_response(blob: bytes) -> StoredResponse:
-    view = memoryview(blob)
+def decode_response(blob: bytes | bytearray | memoryview) -> StoredResponse:
+    if type(blob) is not bytes:  # a driver's memoryview or bytearray
+        blob = bytes(blob)
     try:
-        version, flags, status, count = _HEAD.unpack_from(view, 0)
+        version, flags, status, count = _HEAD.unpack_from(blob, 0)
         if version != _V1:
             raise RecordFormatError(f"unknown record encoding version {version}")
         offset = _HEAD.size
         headers: list[tuple[bytes, bytes]] = []
         for _ in range(count):
-            name_len, value_len = _HEADER.unpack_from(view, offset)
+            name_len, value_len = _HEADER.unpack_from(blob, offset)
             offset += _HEADER.size
-            name = bytes(view[offset : offset + name_len])
+            name = blob[offset : offset + name_len]
             offset += name_len
-            value = bytes(view[offset : offset + value_len])
+            value = blob[offset : offset + value_len]
             offset += value_len
             headers.append((name, value))
     except struct.error as exc:
         raise RecordFormatError("truncated response record") from exc
-    return StoredResponse(
-        status=status,
-        headers=tuple(headers),
-        body=bytes(view[offset:]),
-        replayable=not flags & _FLAG_NOT_REPLAYABLE,
-    )
+    if offset > len(blob):  # a header ran past the end: slices do not raise
+        raise RecordFormatError("truncated response record")
+    return StoredResponse(status, tuple(headers), blob[offset:], not flags & _FLAG_NOT_REPLAYABLE)
