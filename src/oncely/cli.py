@@ -200,8 +200,8 @@ def main() -> None:
     type=click.FloatRange(min=0.1),
     metavar="SECONDS",
     help=(
-        "How long a claim lasts without renewal (renewed every third of it while a handler "
-        "runs): a request whose worker died runs again on a retry after it."
+        "How long a claim lasts without renewal (renewed while a handler runs): a "
+        "request whose worker died runs again on a retry after it."
     ),
 )
 @click.option(
