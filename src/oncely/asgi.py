@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Unpack
@@ -31,7 +30,7 @@ from oncely.core.policy import IdempotencyPolicy, PolicyOptions, RouteOptions
 from oncely.core.problems import Problem, RenderedResponse
 from oncely.core.records import StoredResponse
 from oncely.markers import marker_of
-from oncely.stores.base import AsyncStore, StoreError
+from oncely.stores.base import AsyncStore, StoreError, running_loop
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -73,21 +72,14 @@ class IdempotencyMiddleware:
         self._marked_routes: list[tuple[Any, RouteOptions]] | None = None
         self._routes: list[Any] | None = None
         self._route_templates: dict[tuple[str, str], str | None] = {}
-        self._keepers: dict[int, LeaseKeeper] = {}  # by thread
+        self._keeper: LeaseKeeper | None = None
 
     def _lease_keeper(self) -> LeaseKeeper:
-        """The keeper of the loop running this request: one per loop (tests run many).
-
-        Found by thread, not by `asyncio.get_running_loop()`, which makes a getpid()
-        system call each time: a thread runs one loop at a time, so while the loop its
-        keeper was made for runs, that is this request's loop.
-        """
-        thread = threading.get_ident()
-        keeper = self._keepers.get(thread)
-        if keeper is None or not keeper.loop.is_running():
-            keeper = self._keepers[thread] = LeaseKeeper(
-                asyncio.get_running_loop(), self.policy.lease
-            )
+        """The keeper of the loop running this request: one per loop (tests run many)."""
+        loop = running_loop()
+        keeper = self._keeper
+        if keeper is None or keeper.loop is not loop:
+            keeper = self._keeper = LeaseKeeper(loop, self.policy.lease)
         return keeper
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -11,6 +11,7 @@ suffix (for WSGI), over the same records.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -18,6 +19,21 @@ from typing import Protocol, runtime_checkable
 
 from oncely.core.decisions import ClaimResult
 from oncely.core.records import Record, RecordState, StoredResponse
+
+_loops_by_thread: dict[int, asyncio.AbstractEventLoop] = {}
+
+
+def running_loop() -> asyncio.AbstractEventLoop:
+    """`asyncio.get_running_loop()` without its getpid() system call on every use.
+
+    A thread runs one loop at a time: while the loop last seen in this thread runs, it
+    is the running one. RuntimeError outside a running loop, as asyncio's.
+    """
+    thread = threading.get_ident()
+    loop = _loops_by_thread.get(thread)
+    if loop is None or not loop.is_running():
+        loop = _loops_by_thread[thread] = asyncio.get_running_loop()
+    return loop
 
 
 class StoreError(Exception):

@@ -53,6 +53,7 @@ from oncely.stores.base import (
     StoreStats,
     poll_until_settled,
     poll_until_settled_sync,
+    running_loop,
 )
 
 AsyncConn: TypeAlias = psycopg.AsyncConnection[TupleRow]
@@ -405,7 +406,7 @@ class _Group:
         self.grouped = 0
 
     def submit(self, ident: tuple[str, str], params: Params) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = running_loop().create_future()
         self.queue.append((ident, params, future))
         return future
 
@@ -680,7 +681,7 @@ class PostgresStore:
 
     async def _async_pool(self) -> AsyncPool:
         pool = self._apool
-        if pool is not None and self._aready is asyncio.get_running_loop():
+        if pool is not None and self._aready is running_loop():
             return pool
         return await self._prepare_async(schema=True)
 

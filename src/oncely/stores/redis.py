@@ -69,7 +69,13 @@ from oncely.core.records import (
     decode_response,
     encode_response,
 )
-from oncely.stores.base import POLL_FIRST_DELAY, POLL_MAX_DELAY, StoreError, StoreStats
+from oncely.stores.base import (
+    POLL_FIRST_DELAY,
+    POLL_MAX_DELAY,
+    StoreError,
+    StoreStats,
+    running_loop,
+)
 from oncely.stores.urls import redact_url
 
 T = TypeVar("T")
@@ -526,7 +532,7 @@ class RedisStore:
 
     async def async_client(self) -> AsyncClient | None:
         """The asyncio client for the running loop; None means: use the sync one on a thread."""
-        if self._url is not None and self._async_loop is not asyncio.get_running_loop():
+        if self._url is not None and self._async_loop is not running_loop():
             # A client belongs to the loop that made it: a new loop gets a new client.
             retry = redis.asyncio.retry.Retry(
                 self._retry_backoff(), 1, supported_errors=(redis.ConnectionError,)
@@ -571,7 +577,7 @@ class RedisStore:
         one read for the lot, each call keeping its own reply and error. A batch goes
         out on the next loop iteration, or, while `_ON_WIRE` batches are already out,
         as soon as one of them is answered: it gathers the calls made meanwhile."""
-        loop = asyncio.get_running_loop()
+        loop = running_loop()
         sender = self._sender
         if sender is None or sender.loop is not loop:
             sender = self._sender = _Sender(loop)

@@ -27,7 +27,13 @@ from oncely.core.records import (
     decode_response,
     encode_response,
 )
-from oncely.stores.base import StoreError, StoreStats, poll_until_settled, poll_until_settled_sync
+from oncely.stores.base import (
+    StoreError,
+    StoreStats,
+    poll_until_settled,
+    poll_until_settled_sync,
+    running_loop,
+)
 
 T = TypeVar("T")
 
@@ -309,7 +315,7 @@ class SQLiteStore:
         self, scope: str, key: str, fingerprint: str, token: str, *, lease: float, retention: float
     ) -> ClaimResult:
         return await self._submit(
-            asyncio.get_running_loop(),
+            running_loop(),
             self._claim,
             scope,
             key,
@@ -321,16 +327,16 @@ class SQLiteStore:
 
     async def complete(self, scope: str, key: str, token: str, response: StoredResponse) -> bool:
         blob = encode_response(response)
-        return await self._submit(asyncio.get_running_loop(), _complete, scope, key, token, blob)
+        return await self._submit(running_loop(), _complete, scope, key, token, blob)
 
     async def release(self, scope: str, key: str, token: str) -> bool:
-        return await self._submit(asyncio.get_running_loop(), _release, scope, key, token)
+        return await self._submit(running_loop(), _release, scope, key, token)
 
     async def renew(self, scope: str, key: str, token: str, *, lease: float) -> bool:
-        return await self._submit(asyncio.get_running_loop(), self._renew, scope, key, token, lease)
+        return await self._submit(running_loop(), self._renew, scope, key, token, lease)
 
     async def get(self, scope: str, key: str) -> Record | None:
-        return await self._submit(asyncio.get_running_loop(), self._get, scope, key)
+        return await self._submit(running_loop(), self._get, scope, key)
 
     async def wait(self, scope: str, key: str, timeout: float) -> Record | None:
         return await poll_until_settled(lambda: self.get(scope, key), timeout)
