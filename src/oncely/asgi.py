@@ -243,9 +243,9 @@ class IdempotencyMiddleware:
     ) -> None:
         app_scope = _capturable(scope)
         app_scope[CONTEXT_KEY] = context
-        exchange = _Exchange(self, guard, context, app_scope, body, receive, send)
+        exchange = _Exchange(self, guard, context, app_scope, send)
         try:
-            await self.app(app_scope, exchange.receive, exchange.send)
+            await self.app(app_scope, replaying_receive(body, receive), exchange.send)
         except Exception:
             if not exchange.settled:
                 failure = failure_response(self.policy)
@@ -270,12 +270,12 @@ class IdempotencyMiddleware:
 
 
 class _Exchange:
-    """One guarded request whose handler runs: it hands the handler the buffered body,
-    captures the response, and completes the record before the last byte leaves."""
+    """One guarded request whose handler runs: it captures the response, and completes
+    the record before the last byte leaves."""
 
     __slots__ = (
-        "body", "body_delivered", "capture", "context", "guard", "holding", "keeper",
-        "middleware", "observed", "receive_more", "scope", "send_on", "settled", "started",
+        "capture", "context", "guard", "holding", "keeper", "middleware", "observed",
+        "scope", "send_on", "settled", "started",
     )  # fmt: skip
 
     def __init__(
@@ -284,13 +284,11 @@ class _Exchange:
         guard: Guard,
         context: IdempotencyContext,
         scope: Scope,
-        body: bytes,
-        receive: Receive,
         send: Send,
     ) -> None:
         self.middleware, self.guard, self.context, self.scope = middleware, guard, context, scope
-        self.body, self.receive_more, self.send_on = body, receive, send
-        self.body_delivered = self.settled = False
+        self.send_on = send
+        self.settled = False
         self.capture = ResponseCapture(middleware.policy)
         self.observed = bool(middleware.policy.event_subscribers)
         self.started = time.perf_counter() if self.observed else 0.0
@@ -302,14 +300,6 @@ class _Exchange:
         if self.holding:
             self.holding = False
             self.keeper.drop(self)
-
-    async def receive(self) -> Message:
-        """The buffered body once, then the real `receive` (so a disconnect is reported
-        when it really happens, never invented)."""
-        if not self.body_delivered:
-            self.body_delivered = True
-            return {"type": "http.request", "body": self.body, "more_body": False}
-        return await self.receive_more()
 
     async def send(self, message: Message) -> None:
         kind = message["type"]

@@ -43,7 +43,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import httpx
 import pytest
@@ -54,6 +54,7 @@ from oncely.client import RetryEvent, RetryPolicy
 from oncely.core.records import RecordState
 from oncely.demo.auth import workspace_scope
 from oncely.stores import store_from_url
+from tests.support.demo_accounts import PlannedTransfer
 from tests.support.demo_accounts import open_accounts as shared_open_accounts
 from tests.support.postgres_fixtures import postgres_reachable
 from tests.support.servers import REPO_ROOT, free_port
@@ -381,21 +382,7 @@ def crashing_demo(
 # the bank's traffic --------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Planned:
-    key: str
-    from_account: str
-    to_account: str
-    amount: int
-
-    @property
-    def body(self) -> dict[str, Any]:
-        return {
-            "from_account": self.from_account,
-            "to_account": self.to_account,
-            "amount": self.amount,
-        }
-
+class Planned(PlannedTransfer):
     @property
     def refused(self) -> bool:
         return self.amount == REFUSED_AMOUNT

@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -30,6 +29,7 @@ import oncely.client
 from oncely.client import RetryEvent, RetryPolicy
 from oncely.demo.auth import workspace_scope
 from oncely.stores import SQLiteStore
+from tests.support.demo_accounts import PlannedTransfer
 from tests.support.demo_accounts import open_accounts as shared_open_accounts
 from tests.support.faultproxy import FaultProxy
 from tests.support.servers import ServerProcess, free_port, start_process
@@ -50,27 +50,10 @@ ONCELY = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "oncely.
 
 
 @dataclass(frozen=True)
-class Planned:
-    index: int
-    key: str
-    from_account: str
-    to_account: str
-    amount: int
-
-    @property
-    def body(self) -> dict[str, Any]:
-        return {
-            "from_account": self.from_account,
-            "to_account": self.to_account,
-            "amount": self.amount,
-        }
-
-
-@dataclass(frozen=True)
 class Seen:
     """What one caller got back in the end."""
 
-    planned: Planned
+    planned: PlannedTransfer
     status: int
     content: bytes
     attempts: int
@@ -113,23 +96,23 @@ def open_accounts(server: ServerProcess) -> list[str]:
         )  # fmt: skip
 
 
-def plan(accounts: list[str], seed: int) -> list[Planned]:
+def plan(accounts: list[str], seed: int) -> list[PlannedTransfer]:
     rng = random.Random(seed)
     planned = []
     for index in range(TRANSFERS):
         source, target = rng.sample(accounts, 2)
         key = f"chaos-{index}-{uuid.uuid4()}"
-        planned.append(Planned(index, key, source, target, rng.randint(1, 1_000)))
+        planned.append(PlannedTransfer(key, source, target, rng.randint(1, 1_000), index))
     return planned
 
 
-def run_clients(url: str, work: list[Planned], retries: Retries) -> list[Seen]:
+def run_clients(url: str, work: list[PlannedTransfer], retries: Retries) -> list[Seen]:
     queue = iter(work)
     lock = threading.Lock()
     seen: list[Seen] = []
     deadline = time.monotonic() + WALL_CLOCK_LIMIT
 
-    def next_item() -> Planned | None:
+    def next_item() -> PlannedTransfer | None:
         with lock:
             return next(queue, None)
 

@@ -1,8 +1,10 @@
-"""Opening the demo's accounts for chaos and crash tests."""
+"""The demo's accounts and planned transfers, for chaos and crash tests."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -30,3 +32,22 @@ def open_accounts(
         assert response.status_code == 201, response.text
         ids.append(response.json()["id"])
     return ids
+
+
+@dataclass(frozen=True)
+class PlannedTransfer:
+    """One logical transfer: its Idempotency-Key, and the body every attempt sends."""
+
+    key: str
+    from_account: str
+    to_account: str
+    amount: int
+    index: int = 0  # its place in the plan, where the test orders results by it
+
+    @property
+    def body(self) -> dict[str, Any]:
+        return {
+            "from_account": self.from_account,
+            "to_account": self.to_account,
+            "amount": self.amount,
+        }
