@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -187,3 +188,27 @@ async def test_operations_submitted_before_close_still_run(store: SQLiteStore) -
     record = store.get_sync("s", "k")
     assert record is not None
     assert record.state is RecordState.IN_FLIGHT
+
+
+def test_threads_racing_to_set_up_a_new_file_all_get_an_answer(tmp_path: Path) -> None:
+    """Switching a new file to WAL needs an exclusive lock, and SQLite answers a racing
+    connection "database is locked" at once, without its busy handler."""
+    errors: list[BaseException] = []
+    for attempt in range(50):  # the race is narrow: about one file in 40 hit it before
+        store = SQLiteStore(tmp_path / f"new-{attempt}.db")
+        barrier = threading.Barrier(20)
+
+        def first_claim(store: SQLiteStore = store, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait(timeout=10)
+            try:
+                store.claim_sync("s", "k", FP, "t", lease=30.0, retention=60.0)
+            except StoreError as error:
+                errors.append(error)
+
+        threads = [threading.Thread(target=first_claim) for _ in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        store.close()
+    assert errors == []

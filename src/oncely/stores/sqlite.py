@@ -158,12 +158,35 @@ class SQLiteStore:
             check_same_thread=False,
         )
         connection.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-        connection.execute("PRAGMA journal_mode = WAL")
-        connection.execute(f"PRAGMA synchronous = {self._synchronous}")
-        if not self._schema_ready:
-            connection.executescript(SCHEMA)
-            self._schema_ready = True
+        try:
+            self._set_up(lambda: connection.execute("PRAGMA journal_mode = WAL"))
+            connection.execute(f"PRAGMA synchronous = {self._synchronous}")
+            if not self._schema_ready:
+                self._set_up(lambda: connection.executescript(SCHEMA))
+                self._schema_ready = True
+        except BaseException:
+            connection.close()
+            raise
         return connection
+
+    def _set_up(self, statement: Callable[[], object]) -> None:
+        """Run a setup statement, retrying while the file is locked. Connections that
+        race to set up a new file can get SQLITE_BUSY at once, without the busy
+        handler (switching to WAL needs an exclusive lock): wait as a busy handler would.
+        """
+        deadline = time.monotonic() + self._busy_timeout
+        pause = 0.001
+        while True:
+            try:
+                statement()
+                return
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+                    raise
+                if time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
     def _connection(self) -> sqlite3.Connection:
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
