@@ -1,13 +1,16 @@
 """What only the SQLite store does: the async operations of one event loop turn are
-handed to the store's thread together and group-committed, one IMMEDIATE transaction and
-one fsync per batch. The shared contract suite covers the behaviour; these tests pin down
-the edges of batching (one key claimed many times in one batch, a bad record in a batch,
-a close with operations still queued) and of expiry under the store's clock.
+handed to the store's thread together and group-committed, one IMMEDIATE transaction per
+batch; only completions then wait for an fsync (one per batch), never claims. The shared
+contract suite covers the behaviour; these tests pin down the edges of batching (one key
+claimed many times in one batch, a bad record in a batch, a close with operations still
+queued), the fsyncs (when, of which file, after which commit), and expiry under the
+store's clock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -188,6 +191,125 @@ async def test_operations_submitted_before_close_still_run(store: SQLiteStore) -
     record = store.get_sync("s", "k")
     assert record is not None
     assert record.state is RecordState.IN_FLIGHT
+
+
+class SyncSpy:
+    """Records each fdatasync and what another connection sees committed at that moment."""
+
+    def __init__(self, store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.store = store
+        self.fds: list[int] = []
+        self.completed_at_sync: list[int] = []
+        real = os.fdatasync
+
+        def spy(fd: int) -> None:
+            self.fds.append(fd)
+            other = sqlite3.connect(store.path)
+            try:
+                (count,) = other.execute(
+                    f"SELECT COUNT(*) FROM {sqlite_module.TABLE} WHERE state = 1"
+                ).fetchone()
+            finally:
+                other.close()
+            self.completed_at_sync.append(count)
+            real(fd)
+
+        monkeypatch.setattr(os, "fdatasync", spy)
+
+
+async def test_only_completions_wait_for_an_fsync_after_their_commit(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = SyncSpy(store, monkeypatch)
+    keys = [f"k{i}" for i in range(10)]
+    claims = await asyncio.gather(
+        *(store.claim("s", k, FP, k, lease=30.0, retention=60.0) for k in keys)
+    )
+    assert claims == [Claimed(k, 1) for k in keys]
+    assert spy.fds == []  # a claim lost to a power cut is re-run by the retry anyway
+    assert all(await asyncio.gather(*(store.complete("s", k, k, RESPONSE) for k in keys)))
+    assert 1 <= len(spy.fds) < len(keys)  # completions of one loop turn share one
+    assert spy.completed_at_sync[-1] == len(keys)  # the fsync came after the commit
+    wal = os.stat(f"{store.path}-wal")
+    assert {(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in spy.fds} == {
+        (wal.st_dev, wal.st_ino)
+    }
+
+
+def test_only_completions_wait_for_an_fsync_sync(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = SyncSpy(store, monkeypatch)
+    assert store.claim_sync("s", "k", FP, "t", lease=30.0, retention=60.0) == Claimed("t", 1)
+    assert store.renew_sync("s", "k", "t", lease=30.0)
+    assert not store.complete_sync("s", "k", "not-the-holder", RESPONSE)
+    assert spy.fds == []
+    assert store.complete_sync("s", "k", "t", RESPONSE)
+    assert spy.completed_at_sync == [1]
+
+
+async def test_synchronous_normal_never_waits_for_an_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SQLiteStore(tmp_path / "normal.db", synchronous="NORMAL")
+    spy = SyncSpy(store, monkeypatch)
+    try:
+        await completed(store, "k")
+        assert store.claim_sync("s", "j", FP, "t", lease=30.0, retention=60.0) == Claimed("t", 1)
+        assert store.complete_sync("s", "j", "t", RESPONSE)
+    finally:
+        store.close()
+    assert spy.fds == []
+
+
+def test_connections_for_transactional_completion_keep_full_durability(
+    store: SQLiteStore,
+) -> None:
+    connection = store.connect()
+    try:
+        (level,) = connection.execute("PRAGMA synchronous").fetchone()
+    finally:
+        connection.close()
+    assert level == 2  # FULL: the app's own commit carries the completion
+
+
+async def test_a_failed_fsync_fails_the_completion(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert await store.claim("s", "k", FP, "t", lease=30.0, retention=60.0) == Claimed("t", 1)
+    assert store.claim_sync("s", "j", FP, "t", lease=30.0, retention=60.0) == Claimed("t", 1)
+
+    def broken(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", broken)
+    with pytest.raises(StoreError, match="Input/output error"):
+        await store.complete("s", "k", "t", RESPONSE)
+    with pytest.raises(StoreError, match="fsync"):
+        store.complete_sync("s", "j", "t", RESPONSE)
+
+
+async def test_claims_do_not_queue_behind_a_completions_fsync(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = threading.Event()  # a slow disk: the fsync returns when the test lets it
+    real = os.fdatasync
+
+    def slow(fd: int) -> None:
+        disk.wait(5)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", slow)
+    try:
+        assert await store.claim("s", "k", FP, "t", lease=30.0, retention=60.0) == Claimed("t", 1)
+        completion = asyncio.create_task(store.complete("s", "k", "t", RESPONSE))
+        await asyncio.sleep(0.05)  # committed; its fsync hangs
+        claimed = store.claim("s", "j", FP, "u", lease=30.0, retention=60.0)
+        assert await asyncio.wait_for(claimed, 2) == Claimed("u", 1)
+        assert not completion.done()  # not reported before it is durable
+    finally:
+        disk.set()
+    assert await asyncio.wait_for(completion, 5)
 
 
 def test_threads_racing_to_set_up_a_new_file_all_get_an_answer(tmp_path: Path) -> None:

@@ -3,6 +3,15 @@ sharing one database file (WAL, BEGIN IMMEDIATE, busy timeout).
 
 The sync twins do the work on a per-thread connection; the async methods run them on
 one dedicated thread so the event loop never blocks on the file lock or an fsync.
+
+Only completions wait for an fsync. With `synchronous="FULL"` (or "EXTRA") the store's
+own connections commit like "NORMAL" (no fsync) and a commit that completed a record
+is followed by one fdatasync of the WAL file before it is reported: what FULL does at
+every commit, paid only where it matters. A claim (or a release, or a renewal) lost to
+a power cut changes nothing that a retry could tell apart: the handler that held the
+claim died in the same power cut (the file is local to its host), and the retry runs
+the handler again, as it would after taking over a claim that had survived. A
+completion's fsync also covers the claim frames before it in the WAL.
 """
 
 from __future__ import annotations
@@ -122,8 +131,9 @@ def record_from_row(row: tuple[Any, ...]) -> Record:
 class SQLiteStore:
     """`SQLiteStore("oncely.db")`. The table is created on first use.
 
-    `synchronous="FULL"` (default) makes every completed record survive a power cut;
-    "NORMAL" survives a process crash and costs fewer fsyncs (WAL mode).
+    `synchronous="FULL"` (default) makes every completed record survive a power cut
+    (one fdatasync per batch of completions; claims do not wait for one); "NORMAL"
+    survives a process crash and never waits for an fsync at commit (WAL mode).
     """
 
     name = "sqlite"
@@ -146,11 +156,14 @@ class SQLiteStore:
         self._connections_lock = threading.Lock()
         self._schema_ready = False
         self._committer: GroupCommitter | None = None
+        self._wal_lock = threading.Lock()
+        self._wal: tuple[int, int] | None = None  # (pid, fd) of the WAL file, once opened
 
     # connections ------------------------------------------------------------------
 
     def connect(self) -> sqlite3.Connection:
-        """A new connection with oncely's settings (also for transactional completion)."""
+        """A new connection with oncely's settings (also for transactional completion:
+        its commits are as durable as `synchronous` says)."""
         connection = sqlite3.connect(
             self.path,
             timeout=self._busy_timeout,
@@ -188,10 +201,36 @@ class SQLiteStore:
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
 
+    @property
+    def _completions_fsync(self) -> bool:
+        return self._synchronous in ("FULL", "EXTRA")
+
+    def _internal_connection(self) -> sqlite3.Connection:
+        """A connection of the store's own: its commits do not fsync (see the module
+        docstring); `_make_durable` does after a completion."""
+        connection = self.connect()
+        if self._completions_fsync:
+            connection.execute("PRAGMA synchronous = NORMAL")
+        return connection
+
+    def _make_durable(self) -> None:
+        """fdatasync the WAL file: every frame committed before this call is on disk."""
+        if not self._completions_fsync:
+            return
+        with self._wal_lock:
+            wal = self._wal
+            if wal is None or wal[0] != _pid:
+                # The WAL exists (a commit came first) and stays while our connection is
+                # open: SQLite removes it only when the last connection closes.
+                flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0)
+                wal = self._wal = (_pid, os.open(f"{self.path}-wal", flags))
+            # fdatasync where there is one (not on macOS or Windows), as SQLite uses.
+            getattr(os, "fdatasync", os.fsync)(wal[1])
+
     def _connection(self) -> sqlite3.Connection:
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
         if connection is None:
-            connection = self.connect()
+            connection = self._internal_connection()
             self._local.connection = connection
             with self._connections_lock:
                 self._connections.append(connection)
@@ -202,6 +241,15 @@ class SQLiteStore:
             return operation(self._connection(), *args)
         except (sqlite3.Error, RecordFormatError) as exc:
             raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+
+    def _run_durably(self, operation: Callable[..., bool], *args: Any) -> bool:
+        done = self._run(operation, *args)
+        if done:
+            try:
+                self._make_durable()
+            except OSError as exc:
+                raise StoreError(f"sqlite store {self.path}: fsync: {exc}") from exc
+        return done
 
     # the operations: each takes the connection first; the writer thread and the sync
     # twins run the same functions -----------------------------------------------------
@@ -256,7 +304,7 @@ class SQLiteStore:
         return claimed
 
     def complete_sync(self, scope: str, key: str, token: str, response: StoredResponse) -> bool:
-        return self._run(_complete, scope, key, token, encode_response(response))
+        return self._run_durably(_complete, scope, key, token, encode_response(response))
 
     def complete_in_transaction_sync(
         self,
@@ -320,6 +368,10 @@ class SQLiteStore:
         if self._committer is not None:
             self._committer.stop()
             self._committer = None
+        with self._wal_lock:
+            if self._wal is not None and self._wal[0] == _pid:
+                os.close(self._wal[1])
+            self._wal = None
 
     # async methods: the same operations, group-committed on the store's own thread ---
 
@@ -412,13 +464,16 @@ Outcome = tuple["asyncio.Future[Any]", bool, Any]
 Pending = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
 # One event loop turn's operations, handed over together.
 Chunk = tuple[asyncio.AbstractEventLoop, list[Pending]]
+# Results on their way back to one event loop.
+Delivery = tuple[asyncio.AbstractEventLoop, list[Outcome]]
 
 
 class GroupCommitter:
-    """The async path's one thread: it runs every pending operation in one IMMEDIATE
-    transaction and commits once, so concurrent requests share one fsync instead of
-    paying one each. Each result is handed back only after the commit (durable), and
-    through the waiting future's own event loop, one wake-up per loop and batch.
+    """The async path's thread: it runs every pending operation in one IMMEDIATE
+    transaction and commits once, so concurrent requests share the commit. Results go
+    back through each waiting future's own event loop, one wake-up per loop and batch:
+    claims, releases and renewals at once, completions after the `WalSyncer` made them
+    durable, while this thread commits the next batch.
 
     An event loop hands over what its callbacks submitted during one turn as one chunk,
     at the end of that turn: one hand-over (and at most one wake-up of this thread) per
@@ -431,6 +486,7 @@ class GroupCommitter:
         self._queue: queue.SimpleQueue[Chunk | None] = queue.SimpleQueue()
         self._pending: dict[asyncio.AbstractEventLoop, list[Pending]] = {}
         self._stopped = False
+        self._syncer = WalSyncer(store) if store._completions_fsync else None
         self._thread = threading.Thread(target=self._serve, name="oncely-sqlite", daemon=True)
         self._thread.start()
 
@@ -472,21 +528,10 @@ class GroupCommitter:
             chunk = self._queue.get()
             if chunk is None:
                 break
-            batch = [chunk]
-            size = len(chunk[1])
-            while size < MAX_BATCH:
-                try:
-                    chunk = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if chunk is None:
-                    stopping = True
-                    break
-                batch.append(chunk)
-                size += len(chunk[1])
+            batch, stopping = _drain(self._queue, chunk, _has_room)
             try:
                 if db is None:
-                    db = self._store.connect()
+                    db = self._store._internal_connection()
                 outcomes = _commit(db, batch)
             except sqlite3.Error as exc:
                 error = StoreError(f"sqlite store {self._store.path}: {exc}")
@@ -494,9 +539,91 @@ class GroupCommitter:
                     (loop, [(future, False, error) for _, _, future in pending])
                     for loop, pending in batch
                 ]
+            else:
+                if self._syncer is not None:
+                    outcomes = self._syncer.defer_completions(batch, outcomes)
             _deliver(outcomes)
+        if self._syncer is not None:
+            self._syncer.stop()  # after the last batch: its completions are still synced
         if db is not None:
             db.close()
+
+
+class WalSyncer:
+    """The thread that makes committed completions durable (FULL, EXTRA): one fdatasync
+    of the WAL for every completion committed before it began, then their results. The
+    committer meanwhile runs the next batch, so claims never queue behind an fsync.
+    """
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self._store = store
+        self._queue: queue.SimpleQueue[list[Delivery] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="oncely-sqlite-wal", daemon=True)
+        self._thread.start()
+
+    def defer_completions(self, batch: list[Chunk], outcomes: list[Delivery]) -> list[Delivery]:
+        """Keep the batch's completions (committed, not yet synced) until the next
+        fdatasync; give back what can be delivered now."""
+        now: list[Delivery] = []
+        later: list[Delivery] = []
+        for (loop, pending), (_, results) in zip(batch, outcomes, strict=True):
+            ready: list[Outcome] = []
+            waiting: list[Outcome] = []
+            for (operation, _, _), result in zip(pending, results, strict=True):
+                (waiting if operation is _complete else ready).append(result)
+            if ready:
+                now.append((loop, ready))
+            if waiting:
+                later.append((loop, waiting))
+        if later:
+            self._queue.put(later)
+        return now
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+    def _serve(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            if item is None:
+                break
+            # Everything committed so far shares this fsync.
+            items, stopping = _drain(self._queue, item, lambda _: True)
+            waiting = [delivery for deliveries in items for delivery in deliveries]
+            try:
+                self._store._make_durable()
+            except OSError as exc:
+                error = StoreError(f"sqlite store {self._store.path}: fsync: {exc}")
+                waiting = [
+                    (loop, [(future, False, error) for future, _, _ in results])
+                    for loop, results in waiting
+                ]
+            _deliver(waiting)
+
+
+Item = TypeVar("Item")
+
+
+def _drain(
+    source: queue.SimpleQueue[Item | None], first: Item, has_room: Callable[[list[Item]], bool]
+) -> tuple[list[Item], bool]:
+    """`first` and what else is queued already, while `has_room`; True: stop came."""
+    items = [first]
+    while has_room(items):
+        try:
+            item = source.get_nowait()
+        except queue.Empty:
+            break
+        if item is None:
+            return items, True
+        items.append(item)
+    return items, False
+
+
+def _has_room(batch: list[Chunk]) -> bool:
+    return sum(len(pending) for _, pending in batch) < MAX_BATCH
 
 
 def _commit(
