@@ -150,6 +150,7 @@ class SQLiteStore:
         self.path = Path(path)
         self._busy_timeout = busy_timeout
         self._synchronous = synchronous
+        self._completions_fsync = synchronous in ("FULL", "EXTRA")
         self._clock = clock
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
@@ -201,10 +202,6 @@ class SQLiteStore:
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
 
-    @property
-    def _completions_fsync(self) -> bool:
-        return self._synchronous in ("FULL", "EXTRA")
-
     def _internal_connection(self) -> sqlite3.Connection:
         """A connection of the store's own: its commits do not fsync (see the module
         docstring); `_make_durable` does after a completion."""
@@ -217,15 +214,18 @@ class SQLiteStore:
         """fdatasync the WAL file: every frame committed before this call is on disk."""
         if not self._completions_fsync:
             return
-        with self._wal_lock:
-            wal = self._wal
-            if wal is None or wal[0] != _pid:
-                # The WAL exists (a commit came first) and stays while our connection is
-                # open: SQLite removes it only when the last connection closes.
-                flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0)
-                wal = self._wal = (_pid, os.open(f"{self.path}-wal", flags))
-            # fdatasync where there is one (not on macOS or Windows), as SQLite uses.
-            getattr(os, "fdatasync", os.fsync)(wal[1])
+        try:
+            with self._wal_lock:
+                wal = self._wal
+                if wal is None or wal[0] != _pid:
+                    # The WAL exists (a commit came first) and stays while our connection
+                    # is open: SQLite removes it only when the last connection closes.
+                    flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0)
+                    wal = self._wal = (_pid, os.open(f"{self.path}-wal", flags))
+                # fdatasync where there is one (not on macOS or Windows), as SQLite uses.
+                getattr(os, "fdatasync", os.fsync)(wal[1])
+        except OSError as exc:
+            raise StoreError(f"sqlite store {self.path}: fsync: {exc}") from exc
 
     def _connection(self) -> sqlite3.Connection:
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
@@ -241,15 +241,6 @@ class SQLiteStore:
             return operation(self._connection(), *args)
         except (sqlite3.Error, RecordFormatError) as exc:
             raise StoreError(f"sqlite store {self.path}: {exc}") from exc
-
-    def _run_durably(self, operation: Callable[..., bool], *args: Any) -> bool:
-        done = self._run(operation, *args)
-        if done:
-            try:
-                self._make_durable()
-            except OSError as exc:
-                raise StoreError(f"sqlite store {self.path}: fsync: {exc}") from exc
-        return done
 
     # the operations: each takes the connection first; the writer thread and the sync
     # twins run the same functions -----------------------------------------------------
@@ -304,7 +295,10 @@ class SQLiteStore:
         return claimed
 
     def complete_sync(self, scope: str, key: str, token: str, response: StoredResponse) -> bool:
-        return self._run_durably(_complete, scope, key, token, encode_response(response))
+        completed = self._run(_complete, scope, key, token, encode_response(response))
+        if completed:
+            self._make_durable()
+        return completed
 
     def complete_in_transaction_sync(
         self,
@@ -594,8 +588,7 @@ class WalSyncer:
             waiting = [delivery for deliveries in items for delivery in deliveries]
             try:
                 self._store._make_durable()
-            except OSError as exc:
-                error = StoreError(f"sqlite store {self._store.path}: fsync: {exc}")
+            except StoreError as error:
                 waiting = [
                     (loop, [(future, False, error) for future, _, _ in results])
                     for loop, results in waiting
