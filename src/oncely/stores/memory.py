@@ -2,62 +2,137 @@
 
 from __future__ import annotations
 
-import heapq
+import struct
 import threading
 import time
 from collections.abc import Callable
 
 from oncely.core.decisions import Claimed, ClaimResult, Existing
-from oncely.core.records import Record, RecordState, StoredResponse
+from oncely.core.records import (
+    Record,
+    RecordState,
+    StoredResponse,
+    decode_response,
+    encode_response,
+)
 from oncely.stores.base import StoreStats, poll_until_settled, poll_until_settled_sync
 
 _PURGE_EVERY = 1024  # claims between opportunistic purges, so memory stays flat
+_VIEWS_KEPT = 4096  # decoded completed records kept for replays
+
+# Completed records are kept as bytes in a dict with str keys: neither is a container
+# that Python's garbage collector tracks, so its full collections never walk them. A
+# dict of objects would be walked entry by entry: 175-550 ms pauses at a million
+# records (measured; docs/benchmarks.md).
+_COMPLETED_HEAD = struct.Struct("<ddIII")  # expires_at, created_at, attempts, fp, token len
+_EXPIRES_AT = struct.Struct("<d")  # how a completed record starts
+_EXPIRY_ENTRY = struct.Struct("<dI")  # expires_at, key length
+
+
+def _record_key(scope: str, key: str) -> str:
+    """One str for (scope, key); the length prefix keeps any two pairs apart."""
+    return f"{len(scope)}:{scope}{key}"
+
+
+def _encode_text(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
 
 
 class _Row:
-    """A live record, mutable in place: the store's lock guards it. `Record`s, the
+    """An in-flight record, mutable in place: the store's lock guards it. `Record`s, the
     public frozen view, are made only when a caller asks to see one."""
 
-    __slots__ = (
-        "attempts", "created_at", "expires_at", "fingerprint", "frozen", "lease_expires_at",
-        "response", "state", "token",
-    )  # fmt: skip
+    __slots__ = ("attempts", "created_at", "expires_at", "fingerprint", "lease_expires_at", "token")
 
     def __init__(
         self, fingerprint: str, token: str, created_at: float, expires_at: float, lease: float
     ) -> None:
         self.fingerprint = fingerprint
-        self.state = RecordState.IN_FLIGHT
-        self.token: str | None = token
+        self.token = token
         self.attempts = 1
         self.created_at = created_at
         self.expires_at = expires_at
-        self.lease_expires_at: float | None = created_at + lease
-        self.response: StoredResponse | None = None
-        self.frozen: Record | None = None  # a completed row never changes: view made once
+        self.lease_expires_at = created_at + lease
 
     def view(self, scope: str, key: str) -> Record:
-        if self.frozen is not None:
-            return self.frozen
-        record = Record(
-            scope, key, self.fingerprint, self.state, self.token, self.attempts,
-            self.created_at, self.expires_at, self.lease_expires_at, self.response,
+        return Record(
+            scope, key, self.fingerprint, RecordState.IN_FLIGHT, self.token, self.attempts,
+            self.created_at, self.expires_at, self.lease_expires_at,
         )  # fmt: skip
-        if self.state is RecordState.COMPLETED:
-            self.frozen = record
-        return record
+
+    def completed(self, response: StoredResponse) -> bytes:
+        fingerprint, token = _encode_text(self.fingerprint), _encode_text(self.token)
+        head = _COMPLETED_HEAD.pack(
+            self.expires_at, self.created_at, self.attempts, len(fingerprint), len(token)
+        )
+        return b"".join((head, fingerprint, token, encode_response(response)))
+
+
+def _completed_expires_at(blob: bytes) -> float:
+    expires_at: float = _EXPIRES_AT.unpack_from(blob)[0]
+    return expires_at
+
+
+def _completed_view(scope: str, key: str, blob: bytes) -> Record:
+    expires_at, created_at, attempts, fp_size, token_size = _COMPLETED_HEAD.unpack_from(blob)
+    offset = _COMPLETED_HEAD.size
+    fingerprint = blob[offset : offset + fp_size].decode("utf-8", "surrogatepass")
+    offset += fp_size
+    token = blob[offset : offset + token_size].decode("utf-8", "surrogatepass")
+    response = decode_response(blob[offset + token_size :])
+    return Record(
+        scope, key, fingerprint, RecordState.COMPLETED, token, attempts, created_at,
+        expires_at, None, response,
+    )  # fmt: skip
+
+
+class _ExpiryQueue:
+    """(expires_at, record key) in the order claimed, packed in one bytearray (which the
+    garbage collector does not walk either). One queue per retention, so expiry times
+    only grow along it (unless the wall clock steps back: purges then come that late)."""
+
+    __slots__ = ("_buffer", "_start")
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._start = 0
+
+    def push(self, expires_at: float, record_key: str) -> None:
+        encoded = _encode_text(record_key)
+        self._buffer += _EXPIRY_ENTRY.pack(expires_at, len(encoded))
+        self._buffer += encoded
+
+    def pop_expired(self, now: float) -> list[str]:
+        buffer, offset, due = self._buffer, self._start, []
+        while offset < len(buffer):
+            expires_at, size = _EXPIRY_ENTRY.unpack_from(buffer, offset)
+            if expires_at > now:
+                break
+            offset += _EXPIRY_ENTRY.size
+            due.append(buffer[offset : offset + size].decode("utf-8", "surrogatepass"))
+            offset += size
+        if offset > len(buffer) // 2:  # amortised: drop the consumed front now and then
+            del buffer[:offset]
+            offset = 0
+        self._start = offset
+        return due
+
+    def __len__(self) -> int:
+        return len(self._buffer) - self._start
 
 
 class MemoryStore:
-    """All records in a dict. Operations never block, so the async methods do no I/O."""
+    """All records in dicts. Operations never block, so the async methods do no I/O."""
 
     name = "memory"
     native_expiry = False
 
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        self._rows: dict[tuple[str, str], _Row] = {}
-        self._expiry_heap: list[tuple[float, str, str]] = []
+        self._in_flight: dict[str, _Row] = {}
+        self._completed: dict[str, bytes] = {}  # a key is in one of the two dicts at most
+        self._views: dict[str, Record] = {}  # decoded _completed entries, for replays
+        self._expiry: dict[float, _ExpiryQueue] = {}  # by retention
         self._lock = threading.Lock()  # WSGI threads and the event loop may share a store
         self._claims_since_purge = 0
 
@@ -66,56 +141,77 @@ class MemoryStore:
     def claim_sync(
         self, scope: str, key: str, fingerprint: str, token: str, *, lease: float, retention: float
     ) -> ClaimResult:
-        # The §3 claim transition (core.decisions.claim_transition), applied to rows in place.
+        # The §3 claim transition (core.decisions.claim_transition), applied in place.
+        record_key = _record_key(scope, key)
         with self._lock:
             now = self._clock()
-            row = self._rows.get((scope, key))
-            if row is not None and row.expires_at > now:
-                if (
-                    row.state is RecordState.IN_FLIGHT
-                    and row.lease_expires_at is not None
-                    and row.lease_expires_at <= now
-                    and row.fingerprint == fingerprint
-                ):
-                    row.token = token
-                    row.attempts += 1
-                    row.lease_expires_at = now + lease
-                    return Claimed(token, row.attempts, took_over=True)
-                return Existing(row.view(scope, key), now)
-            row = _Row(fingerprint, token, now, now + retention, lease)
-            self._rows[(scope, key)] = row
-            heapq.heappush(self._expiry_heap, (row.expires_at, scope, key))
+            row = self._in_flight.get(record_key)
+            if row is not None:
+                if row.expires_at > now:
+                    if row.lease_expires_at <= now and row.fingerprint == fingerprint:
+                        row.token = token
+                        row.attempts += 1
+                        row.lease_expires_at = now + lease
+                        return Claimed(token, row.attempts, took_over=True)
+                    return Existing(row.view(scope, key), now)
+            elif (view := self._views.get(record_key)) is not None and view.expires_at > now:
+                return Existing(view, now)  # a replay of a record read before
+            elif (blob := self._completed.get(record_key)) is not None:
+                if _completed_expires_at(blob) > now:
+                    return Existing(self._completed_record(record_key, scope, key, blob), now)
+                self._drop_completed(record_key)
+            row = self._in_flight[record_key] = _Row(
+                fingerprint, token, now, now + retention, lease
+            )
+            queue = self._expiry.get(retention)
+            if queue is None:
+                queue = self._expiry[retention] = _ExpiryQueue()
+            queue.push(row.expires_at, record_key)
             self._claims_since_purge += 1
             if self._claims_since_purge >= _PURGE_EVERY:
                 self._purge_locked(now)
             return Claimed(token, 1)
 
-    def _holder(self, scope: str, key: str, token: str) -> _Row | None:
-        row = self._rows.get((scope, key))
-        if row is None or row.token != token or row.state is not RecordState.IN_FLIGHT:
-            return None
-        return row
+    def _completed_record(self, record_key: str, scope: str, key: str, blob: bytes) -> Record:
+        views = self._views
+        record = views.get(record_key)
+        if record is None:
+            record = _completed_view(scope, key, blob)
+            if len(views) >= _VIEWS_KEPT:
+                del views[next(iter(views))]
+            views[record_key] = record
+        return record
+
+    def _drop_completed(self, record_key: str) -> None:
+        del self._completed[record_key]
+        self._views.pop(record_key, None)
+
+    def _holder(self, record_key: str, token: str) -> _Row | None:
+        row = self._in_flight.get(record_key)
+        return row if row is not None and row.token == token else None
 
     def complete_sync(self, scope: str, key: str, token: str, response: StoredResponse) -> bool:
+        record_key = _record_key(scope, key)
         with self._lock:
-            row = self._holder(scope, key, token)
+            row = self._holder(record_key, token)
             if row is None:
                 return False
-            row.state = RecordState.COMPLETED
-            row.lease_expires_at = None
-            row.response = response
+            del self._in_flight[record_key]
+            self._completed[record_key] = row.completed(response)
             return True
 
     def release_sync(self, scope: str, key: str, token: str) -> bool:
+        record_key = _record_key(scope, key)
         with self._lock:
-            if self._holder(scope, key, token) is None:
+            if self._holder(record_key, token) is None:
                 return False
-            del self._rows[(scope, key)]
+            del self._in_flight[record_key]
             return True
 
     def renew_sync(self, scope: str, key: str, token: str, *, lease: float) -> bool:
+        record_key = _record_key(scope, key)
         with self._lock:
-            row = self._holder(scope, key, token)
+            row = self._holder(record_key, token)
             now = self._clock()
             if row is None or row.expires_at <= now:
                 return False
@@ -123,11 +219,16 @@ class MemoryStore:
             return True
 
     def get_sync(self, scope: str, key: str) -> Record | None:
+        record_key = _record_key(scope, key)
         with self._lock:
-            row = self._rows.get((scope, key))
-            if row is None or row.expires_at <= self._clock():
+            now = self._clock()
+            row = self._in_flight.get(record_key)
+            if row is not None:
+                return row.view(scope, key) if row.expires_at > now else None
+            blob = self._completed.get(record_key)
+            if blob is None or _completed_expires_at(blob) <= now:
                 return None
-            return row.view(scope, key)
+            return self._completed_record(record_key, scope, key, blob)
 
     def wait_sync(self, scope: str, key: str, timeout: float) -> Record | None:
         return poll_until_settled_sync(lambda: self.get_sync(scope, key), timeout)
@@ -139,14 +240,21 @@ class MemoryStore:
     def _purge_locked(self, now: float) -> int:
         self._claims_since_purge = 0
         purged = 0
-        heap = self._expiry_heap
-        while heap and heap[0][0] <= now:
-            _, scope, key = heapq.heappop(heap)
-            row = self._rows.get((scope, key))
-            # A key reclaimed after expiry has a newer heap entry; only drop dead records.
-            if row is not None and row.expires_at <= now:
-                del self._rows[(scope, key)]
-                purged += 1
+        for queue in self._expiry.values():
+            for record_key in queue.pop_expired(now):
+                # A key claimed again after expiry has a later entry; drop dead records only.
+                row = self._in_flight.get(record_key)
+                if row is not None:
+                    if row.expires_at <= now:
+                        del self._in_flight[record_key]
+                        purged += 1
+                elif (blob := self._completed.get(record_key)) is not None and (
+                    _completed_expires_at(blob) <= now
+                ):
+                    self._drop_completed(record_key)
+                    purged += 1
+        for retention in [r for r, queue in self._expiry.items() if not queue]:
+            del self._expiry[retention]
         return purged
 
     def stats_sync(self) -> StoreStats:
@@ -154,13 +262,16 @@ class MemoryStore:
             now = self._clock()
             in_flight = completed = expired = 0
             oldest: float | None = None
-            for row in self._rows.values():
+            for row in self._in_flight.values():
                 if row.expires_at <= now:
                     expired += 1
-                elif row.state is RecordState.IN_FLIGHT:
+                else:
                     in_flight += 1
                     age = now - row.created_at
                     oldest = age if oldest is None else max(oldest, age)
+            for blob in self._completed.values():
+                if _completed_expires_at(blob) <= now:
+                    expired += 1
                 else:
                     completed += 1
             return StoreStats(in_flight, completed, expired, oldest)
