@@ -694,13 +694,29 @@ def main_phase(ctx: Context, variants: list[Variant]) -> None:
             server.stop()
 
 
+def with_patched_twins(variants: list[Variant], patch: str) -> list[Variant]:
+    """With --patch, each oncely variant beside its `+patched` twin, in the same run."""
+    if not patch:
+        return variants
+    path = str(Path(patch).resolve())
+    return [
+        twin
+        for v in variants
+        for twin in ([v, Variant(v.framework, v.library, v.store, path)]
+                     if v.library == "oncely" else [v])
+    ]  # fmt: skip
+
+
 def scale_phase(ctx: Context) -> None:
     args = ctx.args
     out: dict[str, Any] = {}
-    variants = [
-        v for v in SCALE_VARIANTS
-        if not args.variants or v.name in args.variant_names or v.library == "bare"
-    ]  # fmt: skip
+    variants = with_patched_twins(
+        [
+            v for v in SCALE_VARIANTS
+            if not args.variants or v.name in args.variant_names or v.library == "bare"
+        ],
+        args.patch,
+    )  # fmt: skip
     for size in args.scale:
         tag = f"scale{size}"
         log(f"scale: preloading {size:,} live records into each shared store")
@@ -891,14 +907,7 @@ def main(argv: list[str] | None = None) -> int:
                 variants.insert(0, base)
     else:
         variants = QUICK_VARIANTS if args.quick else ASGI_VARIANTS
-    if args.patch:
-        patch = str(Path(args.patch).resolve())
-        variants = [
-            twin
-            for v in variants
-            for twin in ([v, Variant(v.framework, v.library, v.store, patch)]
-                         if v.library == "oncely" else [v])
-        ]  # fmt: skip
+    variants = with_patched_twins(variants, args.patch)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = (ROOT / args.out / stamp).resolve()
     for sub in ("logs", "stores", "profiles"):
