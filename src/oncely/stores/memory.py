@@ -154,12 +154,8 @@ class MemoryStore:
                         row.lease_expires_at = now + lease
                         return Claimed(token, row.attempts, took_over=True)
                     return Existing(row.view(scope, key), now)
-            elif (view := self._views.get(record_key)) is not None and view.expires_at > now:
-                return Existing(view, now)  # a replay of a record read before
-            elif (blob := self._completed.get(record_key)) is not None:
-                if _completed_expires_at(blob) > now:
-                    return Existing(self._completed_record(record_key, scope, key, blob), now)
-                self._drop_completed(record_key)
+            elif (record := self._live_completed(record_key, scope, key, now)) is not None:
+                return Existing(record, now)
             row = self._in_flight[record_key] = _Row(
                 fingerprint, token, now, now + retention, lease
             )
@@ -172,15 +168,25 @@ class MemoryStore:
                 self._purge_locked(now)
             return Claimed(token, 1)
 
-    def _completed_record(self, record_key: str, scope: str, key: str, blob: bytes) -> Record:
+    def _live_completed(self, record_key: str, scope: str, key: str, now: float) -> Record | None:
+        """The completed record, decoded once and kept for replays; None when there is
+        none, or it expired (then it is dropped, so the key is free to claim)."""
         views = self._views
         record = views.get(record_key)
         if record is None:
-            record = _completed_view(scope, key, blob)
-            if len(views) >= _VIEWS_KEPT:
-                del views[next(iter(views))]
-            views[record_key] = record
-        return record
+            blob = self._completed.get(record_key)
+            if blob is None:
+                return None
+            if _completed_expires_at(blob) > now:
+                record = _completed_view(scope, key, blob)
+                if len(views) >= _VIEWS_KEPT:
+                    del views[next(iter(views))]
+                views[record_key] = record
+                return record
+        elif record.expires_at > now:
+            return record
+        self._drop_completed(record_key)
+        return None
 
     def _drop_completed(self, record_key: str) -> None:
         del self._completed[record_key]
@@ -225,10 +231,7 @@ class MemoryStore:
             row = self._in_flight.get(record_key)
             if row is not None:
                 return row.view(scope, key) if row.expires_at > now else None
-            blob = self._completed.get(record_key)
-            if blob is None or _completed_expires_at(blob) <= now:
-                return None
-            return self._completed_record(record_key, scope, key, blob)
+            return self._live_completed(record_key, scope, key, now)
 
     def wait_sync(self, scope: str, key: str, timeout: float) -> Record | None:
         return poll_until_settled_sync(lambda: self.get_sync(scope, key), timeout)
