@@ -17,7 +17,6 @@ from oncely.core.decisions import Claimed, ClaimResult, Outcome, decide
 from oncely.core.events import EventKind, IdempotencyEvent, emit, hash_key
 from oncely.core.exchange import (
     Guard,
-    PassThrough,
     Reject,
     ResponseCapture,
     admit,
@@ -72,7 +71,11 @@ class IdempotencyMiddleware:
         self._marked_routes: list[tuple[Any, RouteOptions]] | None = None
         self._routes: list[Any] | None = None
         self._route_templates: dict[tuple[str, str], str | None] = {}
+        # Options every request gets when no route is marked and no path pattern is set.
+        self._fixed_route: RouteOptions | None = None
         self._keeper: LeaseKeeper | None = None
+        # A store whose sync twins never block (memory) is called without a coroutine.
+        self._nonblocking: bool = getattr(store, "nonblocking_sync", False)
 
     def _lease_keeper(self) -> LeaseKeeper:
         """The keeper of the loop running this request: one per loop (tests run many)."""
@@ -83,25 +86,25 @@ class IdempotencyMiddleware:
         return keeper
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in self.policy.methods:
+        policy = self.policy
+        if scope["type"] != "http" or scope["method"] not in policy.methods:
             await self.app(scope, receive, send)
             return
-        policy = self.policy
         admission = admit(
             policy,
             scope["method"],
             scope["path"],
             scope["headers"],
-            route=self._route_options(scope),
+            route=self._fixed_route or self._route_options(scope),
             environment=scope,
             app_scope=scope.get(SCOPE_KEY),
         )
-        if isinstance(admission, PassThrough):
-            await self.app(scope, receive, send)
+        if type(admission) is Guard:
+            await self._guard(admission, scope, receive, send)
         elif isinstance(admission, Reject):
             await self._reject(send, admission.problem, scope, admission.key)
         else:
-            await self._guard(admission, scope, receive, send)
+            await self.app(scope, receive, send)
 
     # route selection -----------------------------------------------------------------
 
@@ -109,6 +112,8 @@ class IdempotencyMiddleware:
         by_path = self.policy.route_options(scope["path"])
         if self._marked_routes is None:
             self._marked_routes = _find_marked_routes(self.app)
+            if not self._marked_routes and not self.policy.has_path_patterns:
+                self._fixed_route = by_path
         if not self._marked_routes:
             return by_path
         from starlette.routing import Match
@@ -141,16 +146,23 @@ class IdempotencyMiddleware:
         observed = bool(policy.event_subscribers)
         claim_started = time.perf_counter() if observed else 0.0
         token = new_token()
+        store = self.store
         try:
-            result = await self.store.claim(
-                guard.scope, guard.key, fingerprint, token,
-                lease=policy.lease, retention=policy.retention,
-            )  # fmt: skip
+            if self._nonblocking:
+                result = store.claim_sync(  # type: ignore[attr-defined]
+                    guard.scope, guard.key, fingerprint, token,
+                    lease=policy.lease, retention=policy.retention,
+                )  # fmt: skip
+            else:
+                result = await store.claim(
+                    guard.scope, guard.key, fingerprint, token,
+                    lease=policy.lease, retention=policy.retention,
+                )  # fmt: skip
             outcome = decide(result, fingerprint)
             if outcome is Outcome.IN_PROGRESS and policy.wait_for_in_flight > 0:
                 token, result, outcome = await self._wait_for_in_flight(guard, fingerprint)
         except StoreError as error:
-            logger.error("oncely store %s failed at claim: %s", self.store.name, error)
+            logger.error("oncely store %s failed at claim: %s", store.name, error)
             self._emit(EventKind.STORE_ERROR, scope, guard, detail="claim")
             if policy.fail_open:
                 await self.app(scope, replaying_receive(body, receive), send)
@@ -164,13 +176,32 @@ class IdempotencyMiddleware:
                 attempt=result.attempt if isinstance(result, Claimed) else result.record.attempts,
             )  # fmt: skip
 
-        if isinstance(result, Claimed):
-            context = IdempotencyContext(
-                guard.key, guard.scope, token, result.attempt, result.took_over, self.store, policy
-            )
-            await self._execute(guard, context, scope, body, receive, send)
+        if type(result) is not Claimed:
+            await send_rendered(send, answer(policy, guard.key, result, outcome))
             return
-        await send_rendered(send, answer(policy, guard.key, result, outcome))
+        # Run the handler under the claim (inline: one coroutine less per request).
+        context = IdempotencyContext(
+            guard.key, guard.scope, token, result.attempt, result.took_over, store, policy
+        )
+        app_scope = _capturable(scope) if scope.get("extensions") else scope
+        app_scope[CONTEXT_KEY] = context
+        exchange = _Exchange(self, guard, context, app_scope, body, receive, send)
+        try:
+            await self.app(app_scope, exchange.receive, exchange.send)
+        except Exception:
+            if not exchange.settled:
+                failure = failure_response(policy)
+                await exchange.settle(failure if policy.on_exception == "store" else None)
+                if exchange.status is None:
+                    await send_stored(send, failure)
+            raise
+        finally:
+            if exchange.holding:
+                exchange.stop_renewing()
+        if not exchange.settled:
+            # The app returned without finishing its response: keep what it sent, if
+            # anything; otherwise the server answers 500 and the key is released.
+            await exchange.settle(exchange.response_to_store())
 
     async def _reject(self, send: Send, problem: Problem, scope: Scope, key: str | None) -> None:
         self._emit(EventKind.REJECTED, scope, None, status=problem.status, detail=problem.slug)
@@ -232,34 +263,6 @@ class IdempotencyMiddleware:
             if outcome is not Outcome.IN_PROGRESS or deadline - time.monotonic() <= 0:
                 return token, result, outcome
 
-    async def _execute(
-        self,
-        guard: Guard,
-        context: IdempotencyContext,
-        scope: Scope,
-        body: bytes,
-        receive: Receive,
-        send: Send,
-    ) -> None:
-        app_scope = _capturable(scope)
-        app_scope[CONTEXT_KEY] = context
-        exchange = _Exchange(self, guard, context, app_scope, send)
-        try:
-            await self.app(app_scope, replaying_receive(body, receive), exchange.send)
-        except Exception:
-            if not exchange.settled:
-                failure = failure_response(self.policy)
-                await exchange.settle(failure if self.policy.on_exception == "store" else None)
-                if not exchange.capture.started:
-                    await send_stored(send, failure)
-            raise
-        finally:
-            exchange.stop_renewing()
-        if not exchange.settled:
-            # The app returned without finishing its response: keep what it sent, if
-            # anything; otherwise the server answers 500 and the key is released.
-            await exchange.settle(exchange.stored_or_none())
-
     def _lease_lost(self, exchange: _Exchange) -> None:
         if exchange.context.completed_in_transaction:
             return  # the handler's own transaction completed the record: nothing lost
@@ -269,13 +272,14 @@ class IdempotencyMiddleware:
         self._emit(EventKind.LEASE_LOST, exchange.scope, exchange.guard, detail="renewal")
 
 
-class _Exchange:
-    """One guarded request whose handler runs: it captures the response, and completes
-    the record before the last byte leaves."""
+class _Exchange(ResponseCapture):
+    """One guarded request whose handler runs: it hands the app the buffered body,
+    captures the response (a `ResponseCapture` itself), and completes the record before
+    the last byte leaves."""
 
     __slots__ = (
-        "capture", "context", "guard", "holding", "keeper", "middleware", "observed",
-        "scope", "send_on", "settled", "started",
+        "context", "guard", "holding", "keeper", "middleware", "observed", "receive_on",
+        "request_body", "scope", "send_on", "settled", "started_at",
     )  # fmt: skip
 
     def __init__(
@@ -284,14 +288,18 @@ class _Exchange:
         guard: Guard,
         context: IdempotencyContext,
         scope: Scope,
+        request_body: bytes,
+        receive: Receive,
         send: Send,
     ) -> None:
+        policy = middleware.policy
+        ResponseCapture.__init__(self, policy)
         self.middleware, self.guard, self.context, self.scope = middleware, guard, context, scope
-        self.send_on = send
+        self.request_body: bytes | None = request_body
+        self.receive_on, self.send_on = receive, send
         self.settled = False
-        self.capture = ResponseCapture(middleware.policy)
-        self.observed = bool(middleware.policy.event_subscribers)
-        self.started = time.perf_counter() if self.observed else 0.0
+        self.observed = bool(policy.event_subscribers)
+        self.started_at = time.perf_counter() if self.observed else 0.0
         self.keeper = middleware._lease_keeper()
         self.keeper.hold(self)
         self.holding = True
@@ -301,31 +309,44 @@ class _Exchange:
             self.holding = False
             self.keeper.drop(self)
 
+    async def receive(self) -> Message:
+        """The buffered body once, then the real `receive` (so a disconnect is reported
+        when it really happens, never invented)."""
+        body = self.request_body
+        if body is None:
+            return await self.receive_on()
+        self.request_body = None
+        return {"type": "http.request", "body": body, "more_body": False}
+
     async def send(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.body":
-            self.capture.body(message.get("body", b""))
+            chunk = message.get("body", b"")
+            if chunk:
+                self.body(chunk)
             if not message.get("more_body", False) and not self.settled:
-                await self.settle(self.stored_or_none())
+                await self.settle(self.response_to_store())
         elif kind == "http.response.start":
-            self.capture.start(message["status"], message.get("headers", ()))
+            self.start(message["status"], message.get("headers", ()))
         await self.send_on(message)
-
-    def stored_or_none(self) -> StoredResponse | None:
-        capture = self.capture
-        return capture.stored_response() if capture.should_store() else None
 
     async def settle(self, response: StoredResponse | None) -> None:
         """Complete (or release, when `response` is None) before the last byte leaves."""
         self.settled = True
-        self.stop_renewing()
-        guard, store, token = self.guard, self.middleware.store, self.context.token
-        handler_duration = time.perf_counter() - self.started if self.observed else 0.0
+        if self.holding:
+            self.stop_renewing()
+        middleware = self.middleware
+        guard, store, token = self.guard, middleware.store, self.context.token
+        handler_duration = time.perf_counter() - self.started_at if self.observed else 0.0
         try:
             if response is None:
                 await store.release(guard.scope, guard.key, token)
                 kind = EventKind.RELEASED
-            elif await store.complete(guard.scope, guard.key, token, response):
+            elif (
+                store.complete_sync(guard.scope, guard.key, token, response)  # type: ignore[attr-defined]
+                if middleware._nonblocking
+                else await store.complete(guard.scope, guard.key, token, response)
+            ):
                 kind = EventKind.STORED
             elif self.context.completed_in_transaction:
                 kind = EventKind.STORED  # the handler's own transaction stored it
@@ -344,8 +365,8 @@ class _Exchange:
         if self.observed:
             self.middleware._emit(
                 kind, self.scope, guard,
-                status=self.capture.status if response is None else response.status,
-                duration=time.perf_counter() - self.started - handler_duration,
+                status=self.status if response is None else response.status,
+                duration=time.perf_counter() - self.started_at - handler_duration,
                 handler_duration=handler_duration,
                 detail="completion" if kind is EventKind.STORE_ERROR else None,
             )  # fmt: skip

@@ -363,8 +363,7 @@ class Settlement:
         )  # fmt: skip
 
     def settle_captured(self) -> None:
-        capture = self.capture
-        self.settle(capture.stored_response() if capture.should_store() else None)
+        self.settle(self.capture.response_to_store())
 
     def give_up(self) -> None:
         """The response can not be captured whole: keep its status, never run again."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gc
 
-from oncely.core import Claimed, Existing, RecordState, StoredResponse
+from oncely.core import Claimed, ClaimResult, Existing, RecordState, StoredResponse
 from oncely.stores.memory import MemoryStore
 
 FP = "f" * 32
@@ -113,3 +113,25 @@ def test_a_completed_record_reads_back_field_for_field() -> None:
     assert (record.created_at, record.expires_at) == (T0, T0 + 60.0)
     assert record.lease_expires_at is None
     assert record.response == large
+
+
+def test_a_subclass_that_overrides_an_async_operation_is_called_through_it() -> None:
+    """The ASGI adapter calls a memory store's sync twins directly (no coroutine), unless
+    a subclass changed what the async operations do."""
+
+    class Audited(MemoryStore):
+        async def claim(
+            self, scope: str, key: str, fingerprint: str, token: str, *, lease: float,
+            retention: float,
+        ) -> ClaimResult:  # fmt: skip
+            return await super().claim(
+                scope, key, fingerprint, token, lease=lease, retention=retention
+            )
+
+    class SyncTuned(MemoryStore):
+        def complete_sync(self, scope: str, key: str, token: str, response: StoredResponse) -> bool:
+            return super().complete_sync(scope, key, token, response)
+
+    assert MemoryStore().nonblocking_sync
+    assert not Audited().nonblocking_sync
+    assert SyncTuned().nonblocking_sync

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -95,3 +97,23 @@ def test_any_bytes_either_parse_or_raise_invalid_key(raw: bytes) -> None:
     assert key is not None
     assert 1 <= len(key) <= MAX_KEY_BYTES
     assert all(0x21 <= ord(c) <= 0x7E for c in key)
+
+
+def _outcome(parse: Callable[[], str | None]) -> str | KeyRule | None:
+    try:
+        return parse()
+    except InvalidKey as error:
+        return error.rule
+
+
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        visible.map(str.encode),
+        st.text(alphabet=st.characters(min_codepoint=0x1F, max_codepoint=0x80)).map(
+            lambda text: text.encode("utf-8")
+        ),
+    )
+)
+def test_single_header_fast_path_agrees_with_the_full_parser(raw: bytes) -> None:
+    assert _outcome(lambda: parse_key([raw])) == _outcome(lambda: parse_key_value(raw))

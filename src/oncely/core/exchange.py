@@ -21,7 +21,7 @@ from oncely.core.keys import HEADER_LOWER, InvalidKey, parse_key
 from oncely.core.policy import IdempotencyPolicy, RouteOptions
 from oncely.core.problems import Problem, RenderedResponse
 from oncely.core.records import StoredResponse
-from oncely.core.tenancy import credential_scope, scope_from_value
+from oncely.core.tenancy import ANONYMOUS_SCOPE, credential_scope, scope_from_value
 
 REPLAYED_HEADER = (b"idempotent-replayed", b"true")
 
@@ -96,7 +96,10 @@ def admit(
     scope = app_scope
     if scope is None and policy.scope_resolver is not None and environment is not None:
         scope = policy.scope_resolver(environment)
-    scope = scope_from_value(scope) if scope is not None else credential_scope(credentials)
+    if scope is not None:
+        scope = scope_from_value(scope)
+    else:
+        scope = credential_scope(credentials) if credentials else ANONYMOUS_SCOPE
     return Guard(key, scope, content_type)
 
 
@@ -172,8 +175,14 @@ class ResponseCapture:
 
     def start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
         self.status = status
+        kept = tuple(headers)
         keeps = self.policy.keeps_header
-        self.headers = tuple([(name, value) for name, value in headers if keeps(name)])
+        for header in kept:
+            # Rare: a denied header (Set-Cookie, hop-by-hop), or a pair given as a list.
+            if type(header) is not tuple or not keeps(header[0]):
+                kept = tuple([(name, value) for name, value in kept if keeps(name)])
+                break
+        self.headers = kept
 
     def body(self, chunk: bytes) -> None:
         if self.overflowed or not chunk:
@@ -197,12 +206,17 @@ class ResponseCapture:
     def should_store(self) -> bool:
         return self.status is not None and self.policy.store_status(self.status)
 
-    def stored_response(self) -> StoredResponse:
-        assert self.status is not None
+    def response_to_store(self) -> StoredResponse | None:
+        """The record's response, or None when this status is not stored (release)."""
+        status = self.status
+        if status is None or not self.policy.store_status(status):
+            return None
         if self.overflowed:
-            return StoredResponse(self.status, self.headers, b"", replayable=False)
-        body = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-        return StoredResponse(self.status, self.headers, body)
+            return StoredResponse(status, self.headers, b"", replayable=False)
+        chunks = self._chunks
+        return StoredResponse(
+            status, self.headers, chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        )
 
 
 def failure_response(policy: IdempotencyPolicy) -> StoredResponse:

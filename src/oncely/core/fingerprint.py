@@ -43,28 +43,16 @@ def is_json_content_type(content_type: str | None) -> bool:
     return is_json
 
 
-def _json_codec() -> tuple[Callable[[str], object], Callable[[object], str]]:
-    """A JSON parser and a canonical encoder, made once: `json.loads`/`json.dumps` with
+def _json_codec() -> tuple[Callable[[str, int], tuple[object, int]], Callable[[object], str]]:
+    """The C scanner and a canonical encoder, made once: `json.loads`/`json.dumps` with
     arguments build new ones (and run three Python layers) on every call."""
-    decoder = json.JSONDecoder()
     fallback = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     # The C scanner and encoder of the _json accelerator (typeshed does not describe them).
     make_scanner: Any = json.scanner.make_scanner
-    scan_once: Callable[[str, int], tuple[object, int]] = make_scanner(decoder)
+    scan_once: Callable[[str, int], tuple[object, int]] = make_scanner(json.JSONDecoder())
     make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
-
-    def parse(text: str) -> object:
-        text = text.strip(" \t\n\r")  # RFC 8259 whitespace around the value
-        try:
-            value, end = scan_once(text, 0)
-        except StopIteration:
-            raise ValueError("not JSON") from None
-        if end != len(text):
-            raise ValueError("extra data after the JSON value")
-        return value
-
     if make_encoder is None:  # an interpreter without the C accelerator
-        return parse, fallback.encode
+        return scan_once, fallback.encode
 
     def refuse(value: object) -> object:
         raise TypeError(f"{type(value).__name__} is not JSON")  # unreachable for parsed JSON
@@ -77,17 +65,21 @@ def _json_codec() -> tuple[Callable[[str], object], Callable[[object], str]]:
     def encode(value: object) -> str:
         return "".join(encode_chunks(value, 0))
 
-    return parse, encode
+    return scan_once, encode
 
 
-_parse_json, _encode_canonical = _json_codec()
+_scan_once, _encode_canonical = _json_codec()
+_JSON_WHITESPACE = " \t\n\r"  # RFC 8259 whitespace around the value
 
 
 def canonical_json(body: bytes) -> bytes | None:
     """Key order and insignificant whitespace removed; None when the body is not JSON."""
     try:
-        value = _parse_json(body.decode())  # UTF-8, the common case
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        text = body.decode().strip(_JSON_WHITESPACE)  # UTF-8, the common case
+        value, end = _scan_once(text, 0)
+        if end != len(text):
+            raise ValueError("extra data after the JSON value")
+    except (UnicodeDecodeError, ValueError, StopIteration, RecursionError):
         try:  # what json.loads also reads: a BOM, UTF-16, UTF-32
             value = json.loads(body)
         except (UnicodeDecodeError, ValueError, RecursionError):
@@ -104,18 +96,28 @@ def default_fingerprint(request: RequestFacts) -> str:
 
 
 _EMPTY_DIGEST = hashlib.blake2b(digest_size=16)
+# "METHOD path?" as bytes, per (method, path): bounded, since paths with ids are unbounded.
+_request_lines: dict[tuple[str, str], bytes] = {}
 
 
 def request_fingerprint(
     method: str, path: str, query: bytes, content_type: str | None, body: bytes
 ) -> str:
     """`default_fingerprint` without building `RequestFacts` (the adapters' hot path)."""
-    if body and is_json_content_type(content_type):
-        body = canonical_json(body) or body
-    facts = (
-        method.encode("ascii", "replace"), b" ", path.encode("utf-8", "surrogateescape"),
-        b"?", query, b"\n", body,
-    )  # fmt: skip
+    if body and content_type is not None:
+        is_json = _json_media_cache.get(content_type)
+        if is_json is None:
+            is_json = is_json_content_type(content_type)
+        if is_json:
+            body = canonical_json(body) or body
+    line = _request_lines.get((method, path))
+    if line is None:
+        line = b"%s %s?" % (
+            method.encode("ascii", "replace"),
+            path.encode("utf-8", "surrogateescape"),
+        )
+        if len(_request_lines) < 4096:
+            _request_lines[(method, path)] = line
     digest = _EMPTY_DIGEST.copy()  # cheaper than a new blake2b(digest_size=16)
-    digest.update(b"".join(facts))
+    digest.update(b"".join((line, query, b"\n", body)))
     return digest.hexdigest()

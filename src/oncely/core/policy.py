@@ -147,6 +147,10 @@ class IdempotencyPolicy:
     def credential_header_names(self) -> frozenset[bytes]:
         return frozenset(name.lower().encode("latin-1") for name in self.credential_headers)
 
+    @cached_property
+    def has_path_patterns(self) -> bool:
+        return bool(self.include_paths or self.exclude_paths or self.required_paths)
+
     def replace(self, **changes: Unpack[PolicyOptions]) -> IdempotencyPolicy:
         return dataclasses.replace(self, **_normalise(dict(changes)))
 

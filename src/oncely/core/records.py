@@ -52,11 +52,10 @@ class RecordFormatError(ValueError):
 
 def encode_response(response: StoredResponse) -> bytes:
     flags = 0 if response.replayable else _FLAG_NOT_REPLAYABLE
-    parts = [_HEAD.pack(_V1, flags, response.status, len(response.headers))]
-    for name, value in response.headers:
-        parts.append(_HEADER.pack(len(name), len(value)))
-        parts.append(name)
-        parts.append(value)
+    headers = response.headers
+    parts = [_HEAD.pack(_V1, flags, response.status, len(headers))]
+    for name, value in headers:
+        parts += (_HEADER.pack(len(name), len(value)), name, value)
     parts.append(response.body)
     return b"".join(parts)
 

@@ -120,7 +120,9 @@ class Store(AsyncStore, SyncStore, Protocol):
     """Both twins over the same records: what every shipped store is.
 
     `native_expiry` is True where the backend drops expired records by itself (Redis),
-    so `purge_expired` has nothing to do there.
+    so `purge_expired` has nothing to do there. A store may also set `nonblocking_sync =
+    True` when its sync twins never wait (memory): the ASGI adapter then calls
+    `claim_sync` and `complete_sync` on the event loop, without a coroutine per call.
     """
 
     native_expiry: bool

@@ -34,10 +34,6 @@ def _record_key(scope: str, key: str) -> str:
     return f"{len(scope)}:{scope}{key}"
 
 
-def _encode_text(text: str) -> bytes:
-    return text.encode("utf-8", "surrogatepass")
-
-
 class _Row:
     """An in-flight record, mutable in place: the store's lock guards it. `Record`s, the
     public frozen view, are made only when a caller asks to see one."""
@@ -61,7 +57,8 @@ class _Row:
         )  # fmt: skip
 
     def completed(self, response: StoredResponse) -> bytes:
-        fingerprint, token = _encode_text(self.fingerprint), _encode_text(self.token)
+        fingerprint = self.fingerprint.encode("utf-8", "surrogatepass")
+        token = self.token.encode("utf-8", "surrogatepass")
         head = _COMPLETED_HEAD.pack(
             self.expires_at, self.created_at, self.attempts, len(fingerprint), len(token)
         )
@@ -98,9 +95,8 @@ class _ExpiryQueue:
         self._start = 0
 
     def push(self, expires_at: float, record_key: str) -> None:
-        encoded = _encode_text(record_key)
-        self._buffer += _EXPIRY_ENTRY.pack(expires_at, len(encoded))
-        self._buffer += encoded
+        encoded = record_key.encode("utf-8", "surrogatepass")
+        self._buffer += _EXPIRY_ENTRY.pack(expires_at, len(encoded)) + encoded
 
     def pop_expired(self, now: float) -> list[str]:
         buffer, offset, due = self._buffer, self._start, []
@@ -126,6 +122,14 @@ class MemoryStore:
 
     name = "memory"
     native_expiry = False
+    # The ASGI adapter calls claim_sync/complete_sync on the loop, without a coroutine.
+    nonblocking_sync = True
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        # A subclass that overrides an async operation must be called through it.
+        if any(name in cls.__dict__ for name in ("claim", "complete")):
+            cls.nonblocking_sync = False
 
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
@@ -142,7 +146,7 @@ class MemoryStore:
         self, scope: str, key: str, fingerprint: str, token: str, *, lease: float, retention: float
     ) -> ClaimResult:
         # The §3 claim transition (core.decisions.claim_transition), applied in place.
-        record_key = _record_key(scope, key)
+        record_key = f"{len(scope)}:{scope}{key}"  # _record_key, inline on the hot path
         with self._lock:
             now = self._clock()
             row = self._in_flight.get(record_key)
@@ -154,15 +158,16 @@ class MemoryStore:
                         row.lease_expires_at = now + lease
                         return Claimed(token, row.attempts, took_over=True)
                     return Existing(row.view(scope, key), now)
-            elif (record := self._live_completed(record_key, scope, key, now)) is not None:
+            elif record_key in self._completed and (
+                record := self._live_completed(record_key, scope, key, now)
+            ):
                 return Existing(record, now)
-            row = self._in_flight[record_key] = _Row(
-                fingerprint, token, now, now + retention, lease
-            )
+            expires_at = now + retention
+            self._in_flight[record_key] = _Row(fingerprint, token, now, expires_at, lease)
             queue = self._expiry.get(retention)
             if queue is None:
                 queue = self._expiry[retention] = _ExpiryQueue()
-            queue.push(row.expires_at, record_key)
+            queue.push(expires_at, record_key)
             self._claims_since_purge += 1
             if self._claims_since_purge >= _PURGE_EVERY:
                 self._purge_locked(now)
@@ -197,10 +202,10 @@ class MemoryStore:
         return row if row is not None and row.token == token else None
 
     def complete_sync(self, scope: str, key: str, token: str, response: StoredResponse) -> bool:
-        record_key = _record_key(scope, key)
+        record_key = f"{len(scope)}:{scope}{key}"  # _record_key, inline on the hot path
         with self._lock:
-            row = self._holder(record_key, token)
-            if row is None:
+            row = self._in_flight.get(record_key)
+            if row is None or row.token != token:
                 return False
             del self._in_flight[record_key]
             self._completed[record_key] = row.completed(response)
