@@ -1,0 +1,193 @@
+"""oncely's own cost per request, in one process: the app bare and wrapped, interleaved.
+
+    .venv-bench/bin/python -m benchmarks.inprocess                 # raw and FastAPI apps
+    .venv-bench/bin/python -m benchmarks.inprocess --src ../old/src  # another checkout's oncely
+
+No server and no sockets: the ASGI app is called with prebuilt scopes, in batches that
+alternate between the variants (A B C ... A B C ...), and the median batch is reported.
+What it gives is the microseconds oncely adds to one request, steady to about 1 µs from
+one run to the next, where the server matrix (`benchmarks.run`) moves by a quarter. So
+a change to the hot path is measured here first, then confirmed in the server.
+
+Beside `oncely` (memory store) it runs two knock-outs, to say where the cost goes:
+`oncely-no-fingerprint` (`fingerprint=None`) and `oncely-null-store` (a store that keeps
+nothing), and `floor`: a middleware that does the least any idempotency layer must do
+(read the body, canonicalise and hash it, keep the response in a dict), as a reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Any], Awaitable[None]]
+
+BODY = b'{"amount": 1250, "currency": "NZD", "reference": "inv-42"}'
+POOL = 1000  # completed keys that replays cycle through
+
+
+def request_scope(key: bytes) -> Scope:
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/payments", "raw_path": b"/payments", "query_string": b"",
+        "root_path": "", "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
+        "state": {},
+        "headers": [
+            (b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json"),
+            (b"idempotency-key", key), (b"content-length", b"%d" % len(BODY)),
+        ],
+    }  # fmt: skip
+
+
+async def receive() -> Message:
+    return {"type": "http.request", "body": BODY, "more_body": False}
+
+
+async def discard(message: Message) -> None:
+    pass
+
+
+class Floor:
+    """The least an idempotency middleware must do, for reference: no key validation,
+    tenant, lease, expiry or fencing."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.records: dict[bytes, bytes] = {}
+        make_scanner: Any = json.scanner.make_scanner
+        self.scan: Callable[[str, int], tuple[object, int]] = make_scanner(json.JSONDecoder())
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        key = dict(scope["headers"]).get(b"idempotency-key")
+        if key is None:
+            await self.app(scope, receive, send)
+            return
+        body = (await receive())["body"]
+        value, _ = self.scan(body.decode(), 0)
+        canonical = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+        hashlib.blake2b(canonical, digest_size=16).hexdigest()
+        stored = self.records.get(key)
+        if stored is not None:
+            await send({"type": "http.response.start", "status": 201, "headers": []})
+            await send({"type": "http.response.body", "body": stored})
+            return
+        chunks: list[bytes] = []
+        delivered = False
+
+        async def app_receive() -> Message:
+            nonlocal delivered
+            if delivered:
+                message: Message = await receive()
+                return message
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def app_send(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    self.records[key] = b"".join(chunks)
+            await send(message)
+
+        await self.app(scope, app_receive, app_send)
+
+
+def variants(framework: str) -> dict[str, ASGIApp]:
+    from benchmarks.apps import asgi as apps
+    from oncely import IdempotencyMiddleware
+    from oncely.core import Claimed, ClaimResult, StoredResponse
+    from oncely.stores import MemoryStore
+
+    class NullStore(MemoryStore):
+        """Keeps nothing: every claim is new, every completion succeeds."""
+
+        async def claim(
+            self, scope: str, key: str, fingerprint: str, token: str, *, lease: float,
+            retention: float,
+        ) -> ClaimResult:  # fmt: skip
+            return Claimed(token, 1)
+
+        async def complete(
+            self, scope: str, key: str, token: str, response: StoredResponse
+        ) -> bool:
+            return True
+
+    def app() -> Any:
+        return apps.raw_app() if framework == "raw" else apps.fastapi_app()
+
+    return {
+        "bare": app(),
+        "oncely": IdempotencyMiddleware(app(), store=MemoryStore()),
+        "oncely-no-fingerprint": IdempotencyMiddleware(
+            app(), store=MemoryStore(), fingerprint=None
+        ),
+        "oncely-null-store": IdempotencyMiddleware(app(), store=NullStore()),
+        "floor": Floor(app()),
+    }
+
+
+async def measure(framework: str, scenario: str, batch: int, rounds: int) -> dict[str, list[float]]:
+    apps = variants(framework)
+    fresh = itertools.count()
+    pools = {name: [b"%s-pool-%d" % (name.encode(), i) for i in range(POOL)] for name in apps}
+    if scenario == "replay":
+        for name, app in apps.items():
+            for key in pools[name]:
+                await app(request_scope(key), receive, discard)
+    timings: dict[str, list[float]] = {name: [] for name in apps}
+    for round_ in range(rounds + 2):  # the first two rounds warm up
+        for name, app in apps.items():
+            if scenario == "replay":
+                keys = [pools[name][(round_ * batch + i) % POOL] for i in range(batch)]
+            else:
+                keys = [b"%s-%d" % (name.encode(), next(fresh)) for _ in range(batch)]
+            scopes = [request_scope(key) for key in keys]
+            started = time.perf_counter()
+            for scope in scopes:
+                await app(scope, receive, discard)
+            if round_ >= 2:
+                timings[name].append((time.perf_counter() - started) / batch * 1e6)
+    return timings
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--frameworks", default="raw,fastapi")
+    parser.add_argument("--scenarios", default="fresh,replay")
+    parser.add_argument("--batch", type=int, default=500, help="requests per batch")
+    parser.add_argument("--rounds", type=int, default=30, help="batches per variant")
+    parser.add_argument("--src", help="import oncely from this folder (another checkout)")
+    args = parser.parse_args(argv)
+    if args.src:
+        sys.path.insert(0, str(Path(args.src).resolve()))
+    import uvloop
+
+    import oncely
+
+    print(f"oncely from {Path(oncely.__file__).parent}")
+    print("| app | scenario | variant | µs/request | oncely adds µs | ratio to bare |")
+    print("| --- | --- | --- | ---: | ---: | ---: |")
+    for framework in args.frameworks.split(","):
+        for scenario in args.scenarios.split(","):
+            timings = uvloop.run(measure(framework, scenario, args.batch, args.rounds))
+            bare = statistics.median(timings["bare"])
+            for name, values in timings.items():
+                median = statistics.median(values)
+                print(
+                    f"| {framework} | {scenario} | {name} | {median:.2f} | "
+                    f"{median - bare:+.2f} | {bare / median:.2f} |"
+                )
+
+
+if __name__ == "__main__":
+    main()
