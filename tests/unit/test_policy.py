@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from oncely.core.exchange import Guard, PassThrough, Reject, admit
+from oncely.core.exchange import Guard, PassThrough, Reject, ResponseCapture, admit
 from oncely.core.policy import IdempotencyPolicy, RouteOptions
 from oncely.core.tenancy import ANONYMOUS_SCOPE
 
@@ -88,6 +88,26 @@ def test_header_lists() -> None:
     only = policy.replace(allowed_headers=["Content-Type"])
     assert only.keeps_header(b"content-type")
     assert not only.keeps_header(b"x-other")
+
+
+def test_response_capture_keeps_the_header_rules_on_every_response() -> None:
+    """The capture skips the per-header check for names already known to be kept; a
+    denied or new name, in any case, and a pair given as a list still take the rules."""
+    policy = IdempotencyPolicy()
+    for _ in range(2):  # the second round finds every name already decided
+        capture = ResponseCapture(policy)
+        capture.start(
+            201,
+            [
+                (b"content-type", b"application/json"),
+                [b"x-id", b"7"],  # type: ignore[list-item]
+                (b"Set-Cookie", b"s=1"),
+                (b"set-cookie", b"t=2"),
+                (b"connection", b"close"),
+            ],
+        )
+        assert capture.headers == ((b"content-type", b"application/json"), (b"x-id", b"7"))
+        assert all(type(header) is tuple for header in capture.headers)
 
 
 def test_keyword_options_cover_every_policy_field() -> None:

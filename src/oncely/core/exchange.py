@@ -176,10 +176,12 @@ class ResponseCapture:
     def start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
         self.status = status
         kept = tuple(headers)
-        keeps = self.policy.keeps_header
+        known = self.policy._header_cache  # name -> kept, as keeps_header decided it
         for header in kept:
-            # Rare: a denied header (Set-Cookie, hop-by-hop), or a pair given as a list.
-            if type(header) is not tuple or not keeps(header[0]):
+            # Rare: a denied header (Set-Cookie, hop-by-hop), a name not seen yet, or a
+            # pair given as a list.
+            if type(header) is not tuple or known.get(header[0]) is not True:
+                keeps = self.policy.keeps_header
                 kept = tuple([(name, value) for name, value in kept if keeps(name)])
                 break
         self.headers = kept
