@@ -659,3 +659,11 @@ def test_an_async_client_needs_a_sync_twin_for_the_sync_methods(
     assert record is not None
     assert record.token == "t"
     sync_client.close()
+
+
+def test_record_keys_are_pinned_so_records_survive_an_upgrade() -> None:
+    """Records written by an earlier version must be found again: the key of (scope,
+    key) is part of the stored format. No connection is needed to compute it."""
+    store = RedisStore("redis://127.0.0.1:6379/0", prefix="oncely")
+    assert store.record_key("anonymous", "k-1") == "oncely:{4167cc81d237ddb20416cbc4751a18e8}"
+    assert store.record_key("cred:0f", "ключ") == "oncely:{5cda0ed4f718592074ce8c070721c98e}"

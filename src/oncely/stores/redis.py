@@ -350,6 +350,7 @@ async def _round_trip(
 
 DEFAULT_PREFIX = "oncely"
 _CLAIMED, _TOOK_OVER = 1, 2
+_EMPTY_DIGEST = hashlib.blake2b(digest_size=16)
 _RECHECK = 1.0  # a waiter re-reads the record this often even without a message
 _SCAN_BATCH = 500
 
@@ -492,11 +493,9 @@ class RedisStore:
 
     def record_key(self, scope: str, key: str) -> str:
         """The Redis key of (scope, key); its hash tag is a digest, safe for any key."""
-        digest = hashlib.blake2b(digest_size=16)
         scope_bytes = scope.encode()
-        digest.update(len(scope_bytes).to_bytes(4, "big"))
-        digest.update(scope_bytes)
-        digest.update(key.encode())
+        digest = _EMPTY_DIGEST.copy()  # cheaper than a new blake2b(digest_size=16)
+        digest.update(len(scope_bytes).to_bytes(4, "big") + scope_bytes + key.encode())
         return f"{self.prefix}:{{{digest.hexdigest()}}}"
 
     # clients ------------------------------------------------------------------------
