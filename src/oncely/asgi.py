@@ -196,8 +196,7 @@ class IdempotencyMiddleware:
                     await send_stored(send, failure)
             raise
         finally:
-            if exchange.holding:
-                exchange.stop_renewing()
+            exchange.stop_renewing()
         if not exchange.settled:
             # The app returned without finishing its response: keep what it sent, if
             # anything; otherwise the server answers 500 and the key is released.
@@ -333,8 +332,7 @@ class _Exchange(ResponseCapture):
     async def settle(self, response: StoredResponse | None) -> None:
         """Complete (or release, when `response` is None) before the last byte leaves."""
         self.settled = True
-        if self.holding:
-            self.stop_renewing()
+        self.stop_renewing()
         middleware = self.middleware
         guard, store, token = self.guard, middleware.store, self.context.token
         handler_duration = time.perf_counter() - self.started_at if self.observed else 0.0

@@ -146,7 +146,7 @@ class MemoryStore:
         self, scope: str, key: str, fingerprint: str, token: str, *, lease: float, retention: float
     ) -> ClaimResult:
         # The §3 claim transition (core.decisions.claim_transition), applied in place.
-        record_key = f"{len(scope)}:{scope}{key}"  # _record_key, inline on the hot path
+        record_key = _record_key(scope, key)
         with self._lock:
             now = self._clock()
             row = self._in_flight.get(record_key)
@@ -202,10 +202,10 @@ class MemoryStore:
         return row if row is not None and row.token == token else None
 
     def complete_sync(self, scope: str, key: str, token: str, response: StoredResponse) -> bool:
-        record_key = f"{len(scope)}:{scope}{key}"  # _record_key, inline on the hot path
+        record_key = _record_key(scope, key)
         with self._lock:
-            row = self._in_flight.get(record_key)
-            if row is None or row.token != token:
+            row = self._holder(record_key, token)
+            if row is None:
                 return False
             del self._in_flight[record_key]
             self._completed[record_key] = row.completed(response)
