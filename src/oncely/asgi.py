@@ -272,13 +272,13 @@ class IdempotencyMiddleware:
 
 
 class _Exchange(ResponseCapture):
-    """One guarded request whose handler runs: it hands the app the buffered body,
-    captures the response (a `ResponseCapture` itself), and completes the record before
-    the last byte leaves."""
+    """One guarded request whose handler runs: it hands the app the buffered body
+    (`receive`), captures the response (a `ResponseCapture` itself), and completes the
+    record before the last byte leaves."""
 
     __slots__ = (
-        "context", "guard", "holding", "keeper", "middleware", "observed", "receive_on",
-        "request_body", "scope", "send_on", "settled", "started_at",
+        "context", "guard", "holding", "keeper", "middleware", "observed", "receive",
+        "scope", "send_on", "settled", "started_at",
     )  # fmt: skip
 
     def __init__(
@@ -294,8 +294,8 @@ class _Exchange(ResponseCapture):
         policy = middleware.policy
         ResponseCapture.__init__(self, policy)
         self.middleware, self.guard, self.context, self.scope = middleware, guard, context, scope
-        self.request_body: bytes | None = request_body
-        self.receive_on, self.send_on = receive, send
+        self.receive = replaying_receive(request_body, receive)  # what the app reads
+        self.send_on = send
         self.settled = False
         self.observed = bool(policy.event_subscribers)
         self.started_at = time.perf_counter() if self.observed else 0.0
@@ -307,15 +307,6 @@ class _Exchange(ResponseCapture):
         if self.holding:
             self.holding = False
             self.keeper.drop(self)
-
-    async def receive(self) -> Message:
-        """The buffered body once, then the real `receive` (so a disconnect is reported
-        when it really happens, never invented)."""
-        body = self.request_body
-        if body is None:
-            return await self.receive_on()
-        self.request_body = None
-        return {"type": "http.request", "body": body, "more_body": False}
 
     async def send(self, message: Message) -> None:
         kind = message["type"]

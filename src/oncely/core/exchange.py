@@ -211,7 +211,7 @@ class ResponseCapture:
     def response_to_store(self) -> StoredResponse | None:
         """The record's response, or None when this status is not stored (release)."""
         status = self.status
-        if status is None or not self.policy.store_status(status):
+        if status is None or not self.should_store():
             return None
         if self.overflowed:
             return StoredResponse(status, self.headers, b"", replayable=False)

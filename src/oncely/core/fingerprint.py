@@ -104,12 +104,8 @@ def request_fingerprint(
     method: str, path: str, query: bytes, content_type: str | None, body: bytes
 ) -> str:
     """`default_fingerprint` without building `RequestFacts` (the adapters' hot path)."""
-    if body and content_type is not None:
-        is_json = _json_media_cache.get(content_type)
-        if is_json is None:
-            is_json = is_json_content_type(content_type)
-        if is_json:
-            body = canonical_json(body) or body
+    if body and is_json_content_type(content_type):
+        body = canonical_json(body) or body
     line = _request_lines.get((method, path))
     if line is None:
         line = b"%s %s?" % (
