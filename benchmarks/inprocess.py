@@ -12,15 +12,14 @@ a change to the hot path is measured here first, then confirmed in the server.
 Beside `oncely` (memory store) it runs two knock-outs, to say where the cost goes:
 `oncely-no-fingerprint` (`fingerprint=None`) and `oncely-null-store` (a store that keeps
 nothing), and `floor`: a middleware that does the least any idempotency layer must do
-(read the body, canonicalise and hash it, keep the response in a dict), as a reference.
+(read the body, canonicalise and hash it, keep the response in a dict;
+`benchmarks/apps/floor.py`), as a reference.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
-import json
 import statistics
 import sys
 import time
@@ -57,53 +56,9 @@ async def discard(message: Message) -> None:
     pass
 
 
-class Floor:
-    """The least an idempotency middleware must do, for reference: no key validation,
-    tenant, lease, expiry or fencing."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self.records: dict[bytes, bytes] = {}
-        make_scanner: Any = json.scanner.make_scanner
-        self.scan: Callable[[str, int], tuple[object, int]] = make_scanner(json.JSONDecoder())
-
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        key = dict(scope["headers"]).get(b"idempotency-key")
-        if key is None:
-            await self.app(scope, receive, send)
-            return
-        body = (await receive())["body"]
-        value, _ = self.scan(body.decode(), 0)
-        canonical = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
-        hashlib.blake2b(canonical, digest_size=16).hexdigest()
-        stored = self.records.get(key)
-        if stored is not None:
-            await send({"type": "http.response.start", "status": 201, "headers": []})
-            await send({"type": "http.response.body", "body": stored})
-            return
-        chunks: list[bytes] = []
-        delivered = False
-
-        async def app_receive() -> Message:
-            nonlocal delivered
-            if delivered:
-                message: Message = await receive()
-                return message
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        async def app_send(message: Message) -> None:
-            if message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
-                if not message.get("more_body", False):
-                    self.records[key] = b"".join(chunks)
-            await send(message)
-
-        await self.app(scope, app_receive, app_send)
-
-
 def variants(framework: str) -> dict[str, ASGIApp]:
     from benchmarks.apps import asgi as apps
+    from benchmarks.apps.floor import Floor
     from oncely import IdempotencyMiddleware
     from oncely.core import Claimed, ClaimResult, StoredResponse
     from oncely.stores import MemoryStore

@@ -18,7 +18,12 @@ TARGETS = {
     ("postgres", "replay"): 0.8,
 }
 PEER_MARGIN = 1.3  # oncely at least 1.3x the best peer on each store
-NAMES = {"aih": "asgi-idempotency-header", "idemkit": "idemkit", "oncely": "oncely"}
+NAMES = {
+    "aih": "asgi-idempotency-header",
+    "idemkit": "idemkit",
+    "oncely": "oncely",
+    "floor": "the floor",
+}
 
 
 def _f(value: Any, digits: int = 0) -> str:
@@ -222,7 +227,8 @@ def chart(out: Path, results: dict[str, Any]) -> None:
     if not panels:
         return
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 4.2 * len(panels)), squeeze=False)
-    colors = {"bare": "#999999", "oncely": "#1f77b4", "aih": "#ff7f0e", "idemkit": "#2ca02c"}
+    colors = {"bare": "#999999", "oncely": "#1f77b4", "aih": "#ff7f0e", "idemkit": "#2ca02c",
+              "floor": "#bbbbbb"}  # fmt: skip
     for ax, (scenario, rows) in zip(axes[:, 0], panels, strict=True):
         labels = list(rows)
         values = [rows[k]["ratio"] or 0 for k in labels]

@@ -54,7 +54,7 @@ SERVER_START_TIMEOUT = 180.0  # a memory store preloaded with 1M records takes a
 @dataclass(frozen=True)
 class Variant:
     framework: str  # fastapi | starlette | flask
-    library: str  # bare | oncely | oncely_prometheus | aih | idemkit
+    library: str  # bare | oncely | oncely_prometheus | aih | idemkit | floor
     store: str  # "" | memory | sqlite | sqlite-normal | redis | postgres
     patch: str = ""  # a module run in the server before the app is built (experiments)
 
@@ -93,6 +93,7 @@ ASGI_VARIANTS = [
         "fastapi/idemkit-memory",
         "fastapi/idemkit-redis",
         "fastapi/idemkit-postgres",
+        "fastapi/floor-memory",
         "starlette/bare",
         "starlette/oncely-memory",
         "starlette/oncely-sqlite",
@@ -497,6 +498,8 @@ def prepare_replays(ctx: Context, servers: list[Server], keys: int) -> dict[str,
 def duplicates(ctx: Context, servers: list[Server], rounds: int) -> dict[str, Any]:
     out = {}
     for server in servers:
+        if server.variant.library == "floor":
+            continue  # it has no concurrency control to measure: a reference for cost only
         before = server.count()
         result = ctx.driver.run(
             {"op": "rounds", "port": server.port, "rounds": rounds, "width": 20,

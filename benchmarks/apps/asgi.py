@@ -2,6 +2,7 @@
 
     BENCH_FRAMEWORK  fastapi | starlette | raw (a plain ASGI callable, no framework)
     BENCH_LIBRARY    bare | oncely | oncely_prometheus | aih (asgi-idempotency-header) | idemkit
+                     | floor (a reference: the least any idempotency middleware does)
     BENCH_STORE      memory | sqlite | sqlite-normal | redis | postgres
     BENCH_STORE_URL  the store's URL or file path
     BENCH_NAMESPACE  a key prefix / table name of this variant's own
@@ -156,6 +157,13 @@ def add_middleware(app: Any, library: str, store: str, url: str, namespace: str)
 
             subscribers.append(PrometheusSubscriber(CollectorRegistry()))
         app.add_middleware(IdempotencyMiddleware, store=instance, event_subscribers=subscribers)
+        return
+    if library == "floor":  # a reference, not a peer: benchmarks/apps/floor.py
+        from benchmarks.apps.floor import Floor
+
+        if store != "memory":
+            raise ValueError("the floor keeps its records in a dict: floor-memory only")
+        app.add_middleware(Floor)
         return
     if library == "aih":
         # As its README says: IdempotencyHeaderMiddleware(backend=...), redis.asyncio client.
