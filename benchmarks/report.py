@@ -107,6 +107,19 @@ def targets(main: dict[str, Any]) -> tuple[list[str], list[str]]:
             if vs_peer is not None and vs_peer < PEER_MARGIN:
                 why.append(f"{vs_peer:.2f}x the best peer < {PEER_MARGIN}x")
             misses.append(f"{family} {scenario}: " + "; ".join(why))
+    floors = [
+        f"{scenario} {e['ratio']:.2f}"
+        for scenario in ("fresh", "replay")
+        for e in main.get(scenario, {}).values()
+        if e["library"] == "floor" and e["framework"] == "fastapi" and e.get("ratio") is not None
+    ]
+    if floors:
+        lines += [
+            "",
+            "The floor in the same run (`fastapi/floor-memory`: body read, JSON canonicalised "
+            f"and hashed, response kept in a dict; nothing else that SPEC §2-§3 ask): "
+            f"{', '.join(floors)}.",
+        ]
     return [*lines, ""], misses
 
 
