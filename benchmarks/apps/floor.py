@@ -23,6 +23,29 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _REPLAYED = (b"idempotent-replayed", b"true")
+_make_scanner: Any = json.scanner.make_scanner
+_scan: Callable[[str, int], tuple[object, int]] = _make_scanner(json.JSONDecoder())
+
+
+def canonical_hash(body: bytes) -> str:
+    """The JSON body with sorted keys and no whitespace, hashed once."""
+    value, _ = _scan(body.decode(), 0)
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.blake2b(canonical, digest_size=16).hexdigest()
+
+
+def buffered_receive(body: bytes, receive: Receive) -> Receive:
+    """The app's receive: the body read already, then the server's own."""
+    delivered = False
+
+    async def app_receive() -> Message:
+        nonlocal delivered
+        if delivered:
+            return await receive()
+        delivered = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return app_receive
 
 
 class Floor:
@@ -31,8 +54,6 @@ class Floor:
         # Tuples of bytes and ints only: the GC untracks them, so kept records cost no
         # collection time (a list per record would make every full collection walk it).
         self.records: dict[bytes, tuple[int, tuple[tuple[bytes, bytes], ...], bytes]] = {}
-        make_scanner: Any = json.scanner.make_scanner
-        self.scan: Callable[[str, int], tuple[object, int]] = make_scanner(json.JSONDecoder())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         key = dict(scope["headers"]).get(b"idempotency-key") if scope["type"] == "http" else None
@@ -40,9 +61,7 @@ class Floor:
             await self.app(scope, receive, send)
             return
         body = (await receive())["body"]  # the benchmark's bodies come in one message
-        value, _ = self.scan(body.decode(), 0)
-        canonical = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
-        hashlib.blake2b(canonical, digest_size=16).hexdigest()
+        canonical_hash(body)
         stored = self.records.get(key)
         if stored is not None:
             status, headers, content = stored
@@ -51,14 +70,6 @@ class Floor:
             return
         started: list[Any] = []  # status, headers
         chunks: list[bytes] = []
-        delivered = False
-
-        async def app_receive() -> Message:
-            nonlocal delivered
-            if delivered:
-                return await receive()
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
 
         async def app_send(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -70,4 +81,4 @@ class Floor:
                     self.records[key] = (started[0], started[1], b"".join(chunks))
             await send(message)
 
-        await self.app(scope, app_receive, app_send)
+        await self.app(scope, buffered_receive(body, receive), app_send)
