@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from oncely.core.keys import HEADER, InvalidKey
 from oncely.core.policy import IdempotencyPolicy
@@ -25,8 +25,10 @@ class Problem:
     extensions: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class RenderedResponse:
+class RenderedResponse(NamedTuple):
+    """A response oncely answers itself: a replay or a problem. A NamedTuple: one is
+    built for every replay, at half the cost of a frozen dataclass."""
+
     status: int
     headers: list[tuple[bytes, bytes]]
     body: bytes
