@@ -18,12 +18,7 @@ TARGETS = {
     ("postgres", "replay"): 0.8,
 }
 PEER_MARGIN = 1.3  # oncely at least 1.3x the best peer on each store
-NAMES = {
-    "aih": "asgi-idempotency-header",
-    "idemkit": "idemkit",
-    "oncely": "oncely",
-    "floor": "the floor",
-}
+NAMES = {"aih": "asgi-idempotency-header", "idemkit": "idemkit", "oncely": "oncely"}
 
 
 def _f(value: Any, digits: int = 0) -> str:

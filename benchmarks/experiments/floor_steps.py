@@ -3,9 +3,9 @@
 What a middleware costs in the server as it does more, measured beside the bare app in
 one run (the step depends on the variant's store, BENCH_STORE):
 
+    VARIANTS=fastapi/oncely-memory,fastapi/oncely-sqlite,fastapi/oncely-redis,fastapi/oncely-postgres
     .venv-bench/bin/python -m benchmarks.run --patch benchmarks/experiments/floor_steps.py \\
-        --variants fastapi/oncely-memory,fastapi/oncely-sqlite,fastapi/oncely-redis,\\
-fastapi/oncely-postgres --scenarios fresh --scale 0 --no-wsgi --profile 0
+        --variants $VARIANTS --scenarios fresh --scale 0 --no-wsgi --profile 0
 
 - `oncely-memory+patched`: a pure ASGI middleware that wraps receive and send, nothing else;
 - `oncely-sqlite+patched`: it also finds the key and reads the body before the app runs;
