@@ -59,23 +59,9 @@ async def discard(message: Message) -> None:
 def variants(framework: str) -> dict[str, ASGIApp]:
     from benchmarks.apps import asgi as apps
     from benchmarks.apps.floor import Floor
+    from benchmarks.apps.keeps_nothing import KeepsNothing
     from oncely import IdempotencyMiddleware
-    from oncely.core import Claimed, ClaimResult, StoredResponse
     from oncely.stores import MemoryStore
-
-    class NullStore(MemoryStore):
-        """Keeps nothing: every claim is new, every completion succeeds."""
-
-        async def claim(
-            self, scope: str, key: str, fingerprint: str, token: str, *, lease: float,
-            retention: float,
-        ) -> ClaimResult:  # fmt: skip
-            return Claimed(token, 1)
-
-        async def complete(
-            self, scope: str, key: str, token: str, response: StoredResponse
-        ) -> bool:
-            return True
 
     def app() -> Any:
         return apps.raw_app() if framework == "raw" else apps.fastapi_app()
@@ -86,7 +72,7 @@ def variants(framework: str) -> dict[str, ASGIApp]:
         "oncely-no-fingerprint": IdempotencyMiddleware(
             app(), store=MemoryStore(), fingerprint=None
         ),
-        "oncely-null-store": IdempotencyMiddleware(app(), store=NullStore()),
+        "oncely-null-store": IdempotencyMiddleware(app(), store=KeepsNothing()),
         "floor": Floor(app()),
     }
 

@@ -19,24 +19,12 @@ import os
 from typing import Any
 
 from benchmarks.apps import asgi as apps
+from benchmarks.apps.keeps_nothing import KeepsNothing
 
 import oncely
-from oncely.core import Claimed, ClaimResult, StoredResponse
 from oncely.stores import MemoryStore
 
 STORE = os.environ.get("BENCH_STORE", "")
-
-
-class KeepsNothing(MemoryStore):
-    """Every claim is new and every completion succeeds; nothing is kept."""
-
-    def claim_sync(
-        self, scope: str, key: str, fingerprint: str, token: str, *, lease: float, retention: float
-    ) -> ClaimResult:
-        return Claimed(token, 1)
-
-    def complete_sync(self, scope: str, key: str, token: str, response: StoredResponse) -> bool:
-        return True
 
 
 class KnockedOut(oncely.IdempotencyMiddleware):
