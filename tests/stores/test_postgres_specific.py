@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +16,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import pq
+from psycopg import pq, sql
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from oncely.core import Claimed, ClaimResult, Existing, RecordState, StoredResponse
@@ -241,14 +242,20 @@ async def test_concurrent_claims_share_statements_and_stay_exact(
         assert replay.record.response == RESPONSE
 
 
+async def six_claimed(store: PostgresStore) -> list[str]:
+    """Six in-flight records, k0 to k5, each with the token "t" + its key."""
+    await warm(store)
+    keys = [f"k{i}" for i in range(6)]
+    for key in keys:
+        await store.claim("s", key, FP, "t" + key, lease=30, retention=60)
+    return keys
+
+
 @pytest.mark.anyio
 async def test_grouped_completion_notifies_only_marked_records(
     postgres_store: PostgresStore, postgres_url: str, postgres_table: str
 ) -> None:
-    await warm(postgres_store)
-    keys = [f"k{i}" for i in range(6)]
-    for key in keys:
-        await postgres_store.claim("s", key, FP, "t" + key, lease=30, retention=60)
+    keys = await six_claimed(postgres_store)
     with raw(postgres_url) as conn:  # what a waiter's check does to its record
         conn.execute(
             f'UPDATE "{postgres_table}" SET waiting = true WHERE key = ANY(%s)', (["k2", "k4"],)
@@ -267,6 +274,26 @@ async def test_grouped_completion_notifies_only_marked_records(
         assert heard == {wake_payload("s", "k2"), wake_payload("s", "k4")}
     finally:
         await listener.close()
+
+
+@pytest.mark.anyio
+async def test_grouped_completion_of_a_purged_record_is_refused_and_leaves_none(
+    postgres_store: PostgresStore, postgres_url: str, postgres_table: str
+) -> None:
+    keys = await six_claimed(postgres_store)
+    with raw(postgres_url) as conn:  # its lease lapsed, it expired, a purge removed it
+        conn.execute(f'DELETE FROM "{postgres_table}" WHERE key = %s', ("k3",))
+    done = await asyncio.gather(
+        *(postgres_store.complete("s", key, "t" + key, RESPONSE) for key in keys)
+    )
+    assert done == [key != "k3" for key in keys]
+    assert postgres_store._completions.grouped == 5
+    assert await postgres_store.get("s", "k3") is None
+    assert (await postgres_store.stats()).completed == 6  # warm and five: no sixth record
+    assert await postgres_store.claim("s", "k3", FP, "new", lease=30, retention=60) == Claimed(
+        "new", 1
+    )
+    assert await postgres_store.complete("s", "k3", "new", RESPONSE)
 
 
 @pytest.mark.anyio
@@ -299,6 +326,64 @@ async def test_a_failed_group_fails_each_caller_and_a_cancelled_one_is_not_sent(
     assert all(isinstance(error, StoreError) for error in errors)
     assert len({id(error) for error in errors}) == 3
     assert await postgres_store.get("s", "e1") is None
+
+
+# Plans: every statement finds records by the primary key, whatever the statistics say ----
+
+STATEMENT_PARAMS: dict[str, dict[str, Any]] = {
+    "claim": {"scope": "s", "key": "k", "fingerprint": FP, "token": "t", "lease": 30.0,
+              "retention": 60.0},
+    "claim_many": {"calls": '[["s","k","f","t",30.0,60.0],["s","l","f","t",30.0,60.0]]'},
+    "complete": {"scope": "s", "key": "k", "token": "t", "response": b"r"},
+    "complete_many": {"calls": '[["s","k","t","72"],["s","l","t","72"]]'},
+    "release": {"scope": "s", "key": "k", "token": "t"},
+    "renew": {"scope": "s", "key": "k", "token": "t", "lease": 30.0},
+    "get": {"scope": "s", "key": "k"},
+    "wait_check": {"scope": "s", "key": "k"},
+}  # fmt: skip
+
+
+def generic_plan(
+    conn: psycopg.Connection[Any], name: str, text: str, params: dict[str, Any]
+) -> str:
+    """The plan PostgreSQL keeps for a prepared statement once it goes generic."""
+    names = list(dict.fromkeys(re.findall(r"%\((\w+)\)s", text)))
+    for position, param in enumerate(names, 1):
+        text = text.replace(f"%({param})s", f"${position}")
+    conn.execute(sql.SQL(f"PREPARE {name} AS {text}"))
+    arguments = sql.SQL(", ").join(sql.Literal(params[param]) for param in names)
+    explain = sql.SQL(f"EXPLAIN EXECUTE {name}({{}})").format(arguments)
+    return "\n".join(str(row[0]) for row in conn.execute(explain).fetchall())
+
+
+def test_plans_made_on_an_empty_table_read_records_by_the_primary_key(
+    postgres_url: str, postgres_table: str
+) -> None:
+    # Statements are prepared, and PostgreSQL keeps the generic plan it made from the
+    # statistics of the moment: on a table analysed while empty, a sequential scan or a hash
+    # join, which then reads the whole table on every claim as it grows.
+    store = PostgresStore(postgres_url, table=postgres_table)
+    try:
+        store.init_schema_sync()
+        with raw(postgres_url) as admin:
+            admin.execute(f'ANALYZE "{postgres_table}"')
+        with store._sync_pool().connection() as conn:
+            conn.execute("SET plan_cache_mode = force_generic_plan")
+            for name, params in STATEMENT_PARAMS.items():
+                plan = generic_plan(conn, name, getattr(store.sql, name), params)
+                lines = plan.splitlines()
+                scans = [n for n, line in enumerate(lines) if f"on {postgres_table}" in line
+                         and "Scan" in line]  # fmt: skip
+                if not scans:  # it reads through INSERT ... ON CONFLICT alone
+                    assert f"Conflict Arbiter Indexes: {postgres_table}_pkey" in plan, plan
+                for n in scans:  # an index scan of the primary key, on both its columns
+                    assert f"Index Scan using {postgres_table}_pkey" in lines[n], plan
+                    assert "Index Cond: ((scope = " in lines[n + 1], plan
+                    assert "(key = " in lines[n + 1], plan
+                assert "Hash Join" not in plan, plan
+                assert "Merge Join" not in plan, plan
+    finally:
+        store.close()
 
 
 def test_schema_creation_is_safe_from_many_processes_at_once(
