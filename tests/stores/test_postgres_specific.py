@@ -92,6 +92,7 @@ async def test_async_fresh_request_is_two_round_trips_and_a_replay_one(
     trace = WireTrace(tmp_path / "wire.log")
 
     async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        await PostgresStore.configure(conn)  # as the store's docs ask of a pool passed in
         trace.attach(conn)
 
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
@@ -118,6 +119,9 @@ async def test_async_fresh_request_is_two_round_trips_and_a_replay_one(
         # A replay is a pure read: no new row version, not even a row lock.
         assert xmin_xmax(postgres_url, postgres_table, "s", "k") == before
         assert before[1] == "0"
+        async with pool.connection() as conn:
+            cur = await conn.execute("SHOW enable_seqscan")
+            assert await cur.fetchone() == ("off",)
     finally:
         trace.close()
         await store.aclose()
@@ -129,8 +133,13 @@ def test_sync_fresh_request_is_two_round_trips_and_a_replay_one(
     postgres_url: str, postgres_table: str, tmp_path: Path
 ) -> None:
     trace = WireTrace(tmp_path / "wire.log")
+
+    def configure(conn: psycopg.Connection[Any]) -> None:
+        PostgresStore.configure_sync(conn)
+        trace.attach(conn)
+
     pool: ConnectionPool[Any] = ConnectionPool(
-        postgres_url, kwargs=CONN_KWARGS, min_size=1, max_size=1, open=False, configure=trace.attach
+        postgres_url, kwargs=CONN_KWARGS, min_size=1, max_size=1, open=False, configure=configure
     )
     pool.open(wait=True, timeout=10)
     store = PostgresStore(pool, table=postgres_table)
