@@ -376,7 +376,9 @@ def test_plans_made_on_an_empty_table_read_records_by_the_primary_key(
         store.init_schema_sync()
         with raw(postgres_url) as admin:
             admin.execute(f'ANALYZE "{postgres_table}"')
+        assert store.stats_sync().completed == 0  # it scans the whole table, in its own transaction
         with store._sync_pool().connection() as conn:
+            assert conn.execute("SHOW enable_seqscan").fetchone() == ("off",)
             conn.execute("SET plan_cache_mode = force_generic_plan")
             for name, params in STATEMENT_PARAMS.items():
                 plan = generic_plan(conn, name, getattr(store.sql, name), params)

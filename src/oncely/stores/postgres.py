@@ -97,6 +97,9 @@ PLANNER_SETTINGS = (
     ("enable_hashjoin", "off"),
     ("enable_mergejoin", "off"),
 )
+# `stats` reads every record: for it, a (parallel) sequential scan is the plan. For its
+# own transaction only: 120 ms instead of 270-340 ms at 250,000 records.
+_SCAN_WHOLE_TABLE = "SELECT set_config('enable_seqscan', 'on', true)"
 _SET_PLANNER = "SELECT " + ", ".join(
     f"set_config('{name}', '{value}', false)" for name, value in PLANNER_SETTINGS
 )
@@ -1073,7 +1076,8 @@ class PostgresStore:
     async def stats(self) -> StoreStats:
         pool = await self._async_pool()
         try:
-            async with pool.connection() as conn:
+            async with pool.connection() as conn, conn.transaction():
+                await conn.execute(_SCAN_WHOLE_TABLE, prepare=False)
                 cur = await conn.execute(self.sql.stats)
                 return _stats(await cur.fetchone())
         except psycopg.Error as exc:
@@ -1261,7 +1265,8 @@ class PostgresStore:
     def stats_sync(self) -> StoreStats:
         pool = self._sync_pool()
         try:
-            with pool.connection() as conn:
+            with pool.connection() as conn, conn.transaction():
+                conn.execute(_SCAN_WHOLE_TABLE, prepare=False)
                 return _stats(conn.execute(self.sql.stats).fetchone())
         except psycopg.Error as exc:
             raise self._error("stats", exc) from exc
