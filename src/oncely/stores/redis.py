@@ -392,6 +392,10 @@ def _parse_record(scope: str, key: str, reply: Sequence[Any]) -> Record | None:
     )
 
 
+def _undecodable(exc: Exception) -> StoreError:
+    return StoreError(f"redis store: undecodable record: {exc}")
+
+
 def _claim_result(scope: str, key: str, token: str, reply: Sequence[Any]) -> ClaimResult:
     code = reply[0]
     if code in (_CLAIMED, _TOOK_OVER):
@@ -691,7 +695,7 @@ class RedisStore:
         try:
             return parse()
         except _DATA_ERRORS as exc:
-            raise StoreError(f"redis store: undecodable record: {exc}") from exc
+            raise _undecodable(exc) from exc
 
     # sync twins -------------------------------------------------------------------
 
@@ -789,24 +793,37 @@ class RedisStore:
     async def claim(
         self, scope: str, key: str, fingerprint: str, token: str, *, lease: float, retention: float
     ) -> ClaimResult:
+        # No lambdas here: a closure would turn every argument into a cell, for every claim.
         if self._async is None and self._url is None:
-            return await self._threaded(
-                lambda: self.claim_sync(
-                    scope, key, fingerprint, token, lease=lease, retention=retention
-                )
-            )
+            return await self._claim_threaded(scope, key, fingerprint, token, lease, retention)
         reply = await self._eval(
             CLAIM, self.record_key(scope, key),
             fingerprint, token, _ms(lease), _ms(retention), scope, key,
         )  # fmt: skip
-        return self._decode(lambda: _claim_result(scope, key, token, reply))
+        try:
+            return _claim_result(scope, key, token, reply)
+        except _DATA_ERRORS as exc:
+            raise _undecodable(exc) from exc
+
+    async def _claim_threaded(
+        self, scope: str, key: str, fingerprint: str, token: str, lease: float, retention: float
+    ) -> ClaimResult:
+        def claim() -> ClaimResult:
+            return self.claim_sync(scope, key, fingerprint, token, lease=lease, retention=retention)
+
+        return await self._threaded(claim)
 
     async def complete(self, scope: str, key: str, token: str, response: StoredResponse) -> bool:
         if self._async is None and self._url is None:
-            return await self._threaded(lambda: self.complete_sync(scope, key, token, response))
+            return await self._complete_threaded(scope, key, token, response)
         blob = encode_response(response)
         key_ = self.record_key(scope, key)
         return bool(await self._eval(COMPLETE, key_, token, blob, self._publish))
+
+    async def _complete_threaded(
+        self, scope: str, key: str, token: str, response: StoredResponse
+    ) -> bool:
+        return await self._threaded(lambda: self.complete_sync(scope, key, token, response))
 
     async def release(self, scope: str, key: str, token: str) -> bool:
         if self._async is None and self._url is None:
