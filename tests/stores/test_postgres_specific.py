@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import re
 import threading
 import time
@@ -303,6 +304,23 @@ async def test_grouped_completion_of_a_purged_record_is_refused_and_leaves_none(
         "new", 1
     )
     assert await postgres_store.complete("s", "k3", "new", RESPONSE)
+
+
+@pytest.mark.anyio
+async def test_grouped_claims_take_an_infinite_retention(postgres_store: PostgresStore) -> None:
+    # JSON has no number for infinity: the calls' document carries it as text.
+    await warm(postgres_store)
+    claims = await asyncio.gather(
+        *(
+            postgres_store.claim("s", f"k{i}", FP, f"t{i}", lease=30, retention=math.inf)
+            for i in range(4)
+        )
+    )
+    assert claims == [Claimed(f"t{i}", 1) for i in range(4)]
+    assert postgres_store._claims.grouped == 3
+    record = await postgres_store.get("s", "k2")
+    assert record is not None
+    assert record.expires_at == math.inf
 
 
 @pytest.mark.anyio

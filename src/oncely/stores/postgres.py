@@ -6,8 +6,8 @@ A fresh request costs two statements (claim, complete), a replay one (a claim th
 races a simultaneous first insert of the same key runs once more).
 
 Concurrent claims in one process share a statement, and so do completions: while one
-is on the wire the others queue, then go out together as one statement over a JSON array (one
-pooled connection, one round trip), each caller keeping its own result. A lone request
+is on the wire the others queue, then go out together as one statement over a JSON
+array (one pooled connection, one round trip), each caller keeping its own result. A lone request
 runs the one-record statement at once. Under load this cuts the driver's work (pool,
 cursor, adaptation, results) per request several times over.
 
@@ -97,12 +97,12 @@ PLANNER_SETTINGS = (
     ("enable_hashjoin", "off"),
     ("enable_mergejoin", "off"),
 )
-# `stats` reads every record: for it, a (parallel) sequential scan is the plan. For its
-# own transaction only: 120 ms instead of 270-340 ms at 250,000 records.
-_SCAN_WHOLE_TABLE = "SELECT set_config('enable_seqscan', 'on', true)"
 _SET_PLANNER = "SELECT " + ", ".join(
     f"set_config('{name}', '{value}', false)" for name, value in PLANNER_SETTINGS
 )
+# `stats` reads every record: for it, a (parallel) sequential scan is the plan. For its
+# own transaction only: 120 ms instead of 270-340 ms at 250,000 records.
+_SCAN_WHOLE_TABLE = "SELECT set_config('enable_seqscan', 'on', true)"
 
 
 def _claimable(row: str, fingerprint: str = "%(fingerprint)s") -> str:
