@@ -14,17 +14,26 @@ answering one JSON line on stdout:
     {"op": "rounds", "port": 8001, "rounds": 30, "width": 20, "prefix": "dup-"}
     {"op": "quit"}
 
+Keys are what clients send: random UUIDs (oncely's client sends `uuid4`, as the
+Idempotency-Key draft and the payment APIs recommend). A key is derived from the
+command's prefix and the request's index, so a replay pool can be sent again; with
+`--keys counter` it is the prefix and the index themselves (keys that sort in the
+order they are sent, which spares a B-tree store its random writes).
+
 Every loop is bounded by a deadline and a request count.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import gc
+import hashlib
 import json
 import sys
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +44,19 @@ BODY = b'{"amount":1000,"currency":"EUR","reference":"invoice-42"}'
 CONNECT_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 10.0
 MAX_REQUESTS_PER_SLICE = 2_000_000
+
+
+def uuid_key(prefix: bytes, index: int) -> bytes:
+    """A UUID version 4 in its text form, random-looking, the same for (prefix, index)."""
+    digest = hashlib.blake2b(b"%s%d" % (prefix, index), digest_size=16).digest()
+    return str(uuid.UUID(bytes=digest, version=4)).encode()
+
+
+def counter_key(prefix: bytes, index: int) -> bytes:
+    return b"%s%d" % (prefix, index)
+
+
+key_for = uuid_key  # set by --keys
 
 
 def request_bytes(port: int, key: bytes | None, path: str = PATH, body: bytes = BODY) -> bytes:
@@ -177,7 +199,7 @@ async def load(command: dict[str, Any]) -> dict[str, Any]:
     # Replay keys cycle; fresh keys never repeat. Requests are built here, off the clock
     # of the server but on the driver's own CPU account (reported).
     if mode == "replay":
-        pool = [request_bytes(port, prefix + str(i).encode()) for i in range(keys)]
+        pool = [request_bytes(port, key_for(prefix, i)) for i in range(keys)]
     elif mode == "nokey":
         pool = [request_bytes(port, None)]
     else:
@@ -200,7 +222,7 @@ async def load(command: dict[str, Any]) -> dict[str, Any]:
             index = issued
             issued += 1
             if mode == "fresh":
-                payload = request_bytes(port, prefix + str(index).encode())
+                payload = request_bytes(port, key_for(prefix, index))
             else:
                 payload = pool[index % len(pool)]
             started = now_ns()
@@ -250,7 +272,7 @@ async def rounds(command: dict[str, Any]) -> dict[str, Any]:
             if time.monotonic() > deadline:
                 tally.errors.append(f"deadline after {index} rounds")
                 break
-            payload = request_bytes(port, prefix + str(index).encode())
+            payload = request_bytes(port, key_for(prefix, index))
             t0 = time.perf_counter_ns()
             replies = await asyncio.gather(
                 *(asyncio.wait_for(conn.request(payload), REQUEST_TIMEOUT) for conn in connections),
@@ -308,6 +330,10 @@ async def serve() -> None:
 
 
 def main() -> None:
+    global key_for
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.driver")
+    parser.add_argument("--keys", choices=("uuid", "counter"), default="uuid")
+    key_for = counter_key if parser.parse_args().keys == "counter" else uuid_key
     try:
         import uvloop
 

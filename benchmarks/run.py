@@ -147,9 +147,9 @@ def log(message: str) -> None:
 class Driver:
     """The load driver in its own process (benchmarks/driver.py), one JSON line each way."""
 
-    def __init__(self) -> None:
+    def __init__(self, keys: str = "uuid") -> None:
         self.process = subprocess.Popen(
-            [PYTHON, "-m", "benchmarks.driver"],
+            [PYTHON, "-m", "benchmarks.driver", "--keys", keys],
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -841,6 +841,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=32, help="driver connections")
     parser.add_argument("--profile", type=float, default=None, help="py-spy seconds; 0 skips")
     parser.add_argument("--no-wsgi", action="store_true", help="skip the WSGI row")
+    parser.add_argument(
+        "--keys", choices=("uuid", "counter"), default="uuid",
+        help="Idempotency-Key shape: random UUIDs (what clients send) or a counter",
+    )  # fmt: skip
     parser.add_argument("--out", default="benchmarks/results", help="results folder")
     parser.add_argument(
         "--patch", default="",
@@ -915,7 +919,7 @@ def main(argv: list[str] | None = None) -> int:
     out = (ROOT / args.out / stamp).resolve()
     for sub in ("logs", "stores", "profiles"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    ctx = Context(args, out, uuid.uuid4().hex[:6], Driver())
+    ctx = Context(args, out, uuid.uuid4().hex[:6], Driver(args.keys))
     started = time.monotonic()
     needs = {v.store for v in variants}
     try:
@@ -949,7 +953,7 @@ def main(argv: list[str] | None = None) -> int:
             "duration": args.duration, "rounds": args.rounds, "connections": args.connections,
             "replay_keys": args.replay_keys, "dup_rounds": args.dup_rounds,
             "scale": args.scale, "workers": args.workers, "quick": args.quick,
-            "wall_seconds": round(time.monotonic() - started),
+            "keys": args.keys, "wall_seconds": round(time.monotonic() - started),
         }  # fmt: skip
         ctx.results["notes"] = ctx.notes
         (out / "results.json").write_text(json.dumps(ctx.results, indent=1, default=str))

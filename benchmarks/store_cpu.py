@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import os
 import time
+import uuid
 from typing import Any
 
 from oncely.core import StoredResponse
@@ -62,12 +62,11 @@ def remove(url: str, options: dict[str, Any]) -> None:
 
 async def measure(url: str, tasks: int, per_task: int, rounds: int) -> dict[str, float]:
     store: Any = store_from_url(url, **options_for(url))
-    counter = itertools.count()
     completed: list[str] = []
 
     async def fresh() -> None:
         for _ in range(per_task):
-            key = f"fresh-{next(counter)}"
+            key = str(uuid.uuid4())  # what clients send: random keys
             token = f"token-{key}"
             await store.claim(SCOPE, key, FINGERPRINT, token, lease=30.0, retention=3600.0)
             await store.complete(SCOPE, key, token, RESPONSE)

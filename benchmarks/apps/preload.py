@@ -10,6 +10,7 @@ import hashlib
 import shutil
 import subprocess
 import time
+import uuid
 from typing import Any
 
 from oncely.core.records import StoredResponse, encode_response
@@ -25,7 +26,8 @@ RESPONSE = StoredResponse(
 
 
 def _key(index: int) -> str:
-    return f"preload-{index}"
+    """A random-looking UUID, as clients send (the same as PostgreSQL's preload makes)."""
+    return str(uuid.UUID(bytes=hashlib.md5(b"preload-%d" % index).digest()))
 
 
 def _fingerprint(index: int) -> str:
@@ -119,7 +121,7 @@ def postgres(url: str, table: str, count: int) -> None:
             f"""
             INSERT INTO "{table}" (scope, key, fingerprint, state, token, attempts,
                                    created_at, expires_at, lease_expires_at, waiting, response)
-            SELECT %(scope)s, 'preload-' || i, md5(i::text), 1, md5('t' || i), 1,
+            SELECT %(scope)s, md5('preload-' || i)::uuid::text, md5(i::text), 1, md5('t' || i), 1,
                    extract(epoch FROM now()), extract(epoch FROM now()) + %(retention)s,
                    NULL, false, %(blob)s
             FROM generate_series(0, %(count)s - 1) AS i
