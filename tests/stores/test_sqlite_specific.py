@@ -10,6 +10,7 @@ store's clock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import threading
@@ -334,3 +335,55 @@ def test_threads_racing_to_set_up_a_new_file_all_get_an_answer(tmp_path: Path) -
             thread.join(timeout=30)
         store.close()
     assert errors == []
+
+
+def table_sql(path: Path) -> str:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        row = db.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
+            (sqlite_module.TABLE,),
+        ).fetchone()
+    sql: str = row[0]
+    return sql
+
+
+def test_a_new_file_keeps_records_in_claim_order_and_keys_in_an_index(tmp_path: Path) -> None:
+    """A rowid table: random keys (UUIDs) write one page of the key index per claim,
+    not a random page of the whole table at the claim and again at the completion."""
+    store = SQLiteStore(tmp_path / "new.db")
+    try:
+        store.claim_sync("s", "k", FP, "t", lease=30.0, retention=60.0)
+    finally:
+        store.close()
+    sql = table_sql(tmp_path / "new.db")
+    assert "PRIMARY KEY (scope, key)" in sql
+    assert "WITHOUT ROWID" not in sql
+
+
+def test_a_file_made_with_a_without_rowid_table_keeps_working(tmp_path: Path, clock: Clock) -> None:
+    """Files made by earlier versions keep their WITHOUT ROWID table: every statement
+    runs on either layout, so nothing is migrated."""
+    path = tmp_path / "earlier.db"
+    earlier = sqlite_module.SCHEMA.replace(
+        "PRIMARY KEY (scope, key)\n);", "PRIMARY KEY (scope, key)\n) WITHOUT ROWID;"
+    )
+    assert earlier != sqlite_module.SCHEMA
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(earlier)
+    store = SQLiteStore(path, clock=clock)
+    try:
+        assert store.claim_sync("s", "k", FP, "t", lease=30.0, retention=60.0) == Claimed("t", 1)
+        assert store.complete_sync("s", "k", "t", RESPONSE)
+        replay = store.claim_sync("s", "k", FP, "u", lease=30.0, retention=60.0)
+        assert isinstance(replay, Existing)
+        assert replay.record.state is RecordState.COMPLETED
+        assert replay.record.response == RESPONSE
+        assert store.claim_sync("s", "j", FP, "v", lease=30.0, retention=60.0) == Claimed("v", 1)
+        assert store.release_sync("s", "j", "v")
+        clock.now += 61.0
+        assert store.stats_sync().expired == 1
+        assert store.purge_expired_sync() == 1
+        assert store.get_sync("s", "k") is None
+    finally:
+        store.close()
+    assert "WITHOUT ROWID" in table_sql(path)
