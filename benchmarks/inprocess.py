@@ -19,10 +19,10 @@ nothing), and `floor`: a middleware that does the least any idempotency layer mu
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,11 @@ ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Any], Awaitable[Non
 
 BODY = b'{"amount": 1250, "currency": "NZD", "reference": "inv-42"}'
 POOL = 1000  # completed keys that replays cycle through
+
+
+def uuid_key() -> bytes:
+    """What clients send (made before the clock starts)."""
+    return str(uuid.uuid4()).encode()
 
 
 def request_scope(key: bytes) -> Scope:
@@ -81,8 +86,7 @@ async def measure(framework: str, scenario: str, batch: int, rounds: int) -> dic
     apps = variants(framework)
     if scenario == "replay":
         del apps["oncely-null-store"]  # it keeps nothing, so it has nothing to replay
-    fresh = itertools.count()
-    pools = {name: [b"%s-pool-%d" % (name.encode(), i) for i in range(POOL)] for name in apps}
+    pools = {name: [uuid_key() for _ in range(POOL)] for name in apps}
     if scenario == "replay":
         for name, app in apps.items():
             for key in pools[name]:
@@ -93,7 +97,7 @@ async def measure(framework: str, scenario: str, batch: int, rounds: int) -> dic
             if scenario == "replay":
                 keys = [pools[name][(round_ * batch + i) % POOL] for i in range(batch)]
             else:
-                keys = [b"%s-%d" % (name.encode(), next(fresh)) for _ in range(batch)]
+                keys = [uuid_key() for _ in range(batch)]
             scopes = [request_scope(key) for key in keys]
             started = time.perf_counter()
             for scope in scopes:
