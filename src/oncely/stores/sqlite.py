@@ -50,9 +50,9 @@ TABLE = "oncely_records"
 # A rowid table: rows are appended in the order they are claimed, and the (scope, key)
 # index holds only the keys. Keys are random (UUIDs), so each claim writes one page of
 # that small index at random; as a WITHOUT ROWID table the claim and the completion
-# each wrote a random page of the whole table (twice the CPU per fresh request).
-# A file made by an earlier version keeps its WITHOUT ROWID table: the statements
-# are the same for both.
+# each wrote a random page of the whole table (56 against 41 µs of CPU per fresh
+# claim + complete at a million records). A file made by an earlier version keeps its
+# WITHOUT ROWID table: the statements are the same for both.
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS {TABLE} (
     scope TEXT NOT NULL,
