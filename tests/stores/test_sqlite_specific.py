@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from oncely.core import Claimed, Existing, RecordState, StoredResponse
+from oncely.core import Claimed, Existing, Record, RecordState, StoredResponse
 from oncely.stores import sqlite as sqlite_module
 from oncely.stores.base import StoreError
 from oncely.stores.sqlite import SQLiteStore
@@ -387,3 +387,108 @@ def test_a_file_made_with_a_without_rowid_table_keeps_working(tmp_path: Path, cl
     finally:
         store.close()
     assert "WITHOUT ROWID" in table_sql(path)
+
+
+# replays kept in the process ----------------------------------------------------------
+
+
+def refuse_the_file(store: SQLiteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From here on, any operation that reaches the file or the store's thread fails."""
+
+    def refused(*args: object, **kwargs: object) -> object:
+        raise AssertionError("the replay reached the file")
+
+    monkeypatch.setattr(store, "_submit", refused)
+    monkeypatch.setattr(store, "_run", refused)
+
+
+async def test_a_repeated_replay_is_answered_in_the_process(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await completed(store, "k")
+    first = await store.claim("s", "k", FP, "u", lease=30.0, retention=60.0)
+    assert isinstance(first, Existing)
+    refuse_the_file(store, monkeypatch)
+    again = await store.claim("s", "k", FP, "v", lease=30.0, retention=60.0)
+    assert again == first
+    mismatch = store.claim_sync("s", "k", OTHER_FP, "w", lease=30.0, retention=60.0)
+    assert isinstance(mismatch, Existing)
+    assert mismatch.record == first.record  # the core tells the mismatch, as from the file
+
+
+def test_a_repeated_replay_is_answered_in_the_process_sync(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.claim_sync("s", "k", FP, "t", lease=30.0, retention=60.0)
+    assert store.complete_sync("s", "k", "t", RESPONSE)
+    first = store.claim_sync("s", "k", FP, "u", lease=30.0, retention=60.0)
+    refuse_the_file(store, monkeypatch)
+    assert store.claim_sync("s", "k", FP, "v", lease=30.0, retention=60.0) == first
+
+
+async def test_a_kept_replay_expires_with_its_record(store: SQLiteStore, clock: Clock) -> None:
+    await completed(store, "k", retention=60.0)
+    assert isinstance(await store.claim("s", "k", FP, "u", lease=30.0, retention=60.0), Existing)
+    clock.now += 60.0
+    claimed = await store.claim("s", "k", OTHER_FP, "v", lease=30.0, retention=60.0)
+    assert claimed == Claimed("v", 1)
+    assert await store.complete("s", "k", "v", RESPONSE)
+    replay = await store.claim("s", "k", OTHER_FP, "w", lease=30.0, retention=60.0)
+    assert isinstance(replay, Existing)
+    assert replay.record.fingerprint == OTHER_FP  # the new record, not the one kept before
+
+
+async def test_in_flight_records_are_not_kept(store: SQLiteStore) -> None:
+    assert await store.claim("s", "k", FP, "t", lease=30.0, retention=60.0) == Claimed("t", 1)
+    in_flight = await store.claim("s", "k", FP, "u", lease=30.0, retention=60.0)
+    assert isinstance(in_flight, Existing)
+    assert in_flight.record.state is RecordState.IN_FLIGHT
+    assert await store.complete("s", "k", "t", RESPONSE)
+    replay = await store.claim("s", "k", FP, "v", lease=30.0, retention=60.0)
+    assert isinstance(replay, Existing)
+    assert replay.record.state is RecordState.COMPLETED
+
+
+async def test_a_replay_in_another_process_sees_the_same_record(tmp_path: Path) -> None:
+    """Two stores on one file, as two workers: each keeps what its own claims found."""
+    one, two = SQLiteStore(tmp_path / "shared.db"), SQLiteStore(tmp_path / "shared.db")
+    try:
+        await completed(one, "k")
+        records: list[Record] = []
+        for store in (one, two, one, two):  # each store's first claim reads the file
+            replay = await store.claim("s", "k", FP, "u", lease=30.0, retention=60.0)
+            assert isinstance(replay, Existing)
+            records.append(replay.record)
+        assert records[1:] == records[:1] * 3
+    finally:
+        one.close()
+        two.close()
+
+
+def record_with_body(key: str, size: int) -> Record:
+    response = StoredResponse(200, ((b"content-type", b"text/plain"),), b"x" * size)
+    return Record("s", key, FP, RecordState.COMPLETED, "t", 1, T0, T0 + 60.0, None, response)
+
+
+def test_the_replay_cache_keeps_within_its_count_and_byte_budgets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sqlite_module, "REPLAYS_KEPT", 3)
+    cache = sqlite_module.ReplayCache()
+    for index in range(5):
+        cache.keep(record_with_body(f"k{index}", 10))
+    assert len(cache) == 3
+    assert cache.live("s", "k0", T0) is None  # oldest first out
+    assert cache.live("s", "k4", T0) is not None
+
+    monkeypatch.setattr(sqlite_module, "REPLAYS_KEPT", 1000)
+    monkeypatch.setattr(sqlite_module, "REPLAY_BYTES_KEPT", 64 * 100)
+    cache = sqlite_module.ReplayCache()
+    cache.keep(record_with_body("large", 101))  # over a 64th of the budget: never kept
+    assert len(cache) == 0
+    for index in range(100):
+        cache.keep(record_with_body(f"k{index}", 70))  # 92 bytes with the header
+    assert len(cache) == 6400 // 92  # 92 bytes each, as many as fit in 6,400
+    assert cache.live("s", "k99", T0) is not None
+    assert cache.live("s", "k99", T0 + 60.0) is None  # expired: dropped
+    assert len(cache) == 6400 // 92 - 1

@@ -12,6 +12,10 @@ a power cut changes nothing that a retry could tell apart: the handler that held
 claim died in the same power cut (the file is local to its host), and the retry runs
 the handler again, as it would after taking over a claim that had survived. A
 completion's fsync also covers the claim frames before it in the WAL.
+
+A completed record that a claim found is kept in the process (`ReplayCache`): it cannot
+change before it expires, so replaying the key again needs neither the file nor the
+store's thread.
 """
 
 from __future__ import annotations
@@ -111,6 +115,66 @@ FROM {TABLE}
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
+REPLAYS_KEPT = 4096  # completed records kept in the process for repeated replays
+REPLAY_BYTES_KEPT = 16 * 1024 * 1024  # and at most this many bytes of their responses
+
+
+class ReplayCache:
+    """Completed records that a claim found, kept in this process, so that the next
+    claim of the same key is answered without a hand-off to the store's thread.
+
+    A completed record never changes until it expires: completions, take-overs and
+    releases match in-flight records only, and nothing but a claim after expiry or a
+    purge of expired records replaces or removes one. So a kept record is what the file
+    holds for as long as it is live, in any process. Oldest first out, within a count
+    and a byte budget; only replays fill it, so fresh requests never pay for it.
+    """
+
+    __slots__ = ("_lock", "_records", "_size")
+
+    def __init__(self) -> None:
+        self._records: dict[tuple[str, str], tuple[Record, int]] = {}
+        self._size = 0
+        self._lock = threading.Lock()  # WSGI threads and the event loop share a store
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def live(self, scope: str, key: str, now: float) -> Record | None:
+        kept = self._records.get((scope, key))
+        if kept is None:
+            return None
+        if kept[0].expires_at > now:
+            return kept[0]
+        with self._lock:  # expired: the key may be claimed again
+            if self._records.get((scope, key)) is kept:
+                del self._records[(scope, key)]
+                self._size -= kept[1]
+        return None
+
+    def keep(self, record: Record) -> None:
+        response = record.response
+        if record.state is not RecordState.COMPLETED or response is None:
+            return
+        size = len(response.body) + sum(len(name) + len(value) for name, value in response.headers)
+        if size > REPLAY_BYTES_KEPT // 64:  # one large response must not empty the cache
+            return
+        with self._lock:
+            records = self._records
+            if (record.scope, record.key) in records:
+                return
+            while records and (
+                len(records) >= REPLAYS_KEPT or self._size + size > REPLAY_BYTES_KEPT
+            ):
+                self._size -= records.pop(next(iter(records)))[1]
+            records[(record.scope, record.key)] = (record, size)
+            self._size += size
+
+    def clear(self) -> None:
+        with self._lock:
+            self._records.clear()
+            self._size = 0
+
 
 _STATES = {state.value: state for state in RecordState}
 
@@ -165,6 +229,7 @@ class SQLiteStore:
         self._committer: GroupCommitter | None = None
         self._wal_lock = threading.Lock()
         self._wal: tuple[int, int] | None = None  # (pid, fd) of the WAL file, once opened
+        self._replays = ReplayCache()
 
     # connections ------------------------------------------------------------------
 
@@ -295,9 +360,16 @@ class SQLiteStore:
     def claim_sync(
         self, scope: str, key: str, fingerprint: str, token: str, *, lease: float, retention: float
     ) -> ClaimResult:
+        if self._replays:
+            now = self._clock()
+            record = self._replays.live(scope, key, now)
+            if record is not None:
+                return Existing(record, now)
         claimed: ClaimResult = self._run(
             _in_transaction, self._claim, scope, key, fingerprint, token, lease, retention
         )
+        if type(claimed) is Existing:
+            self._replays.keep(claimed.record)
         return claimed
 
     def complete_sync(self, scope: str, key: str, token: str, response: StoredResponse) -> bool:
@@ -365,6 +437,7 @@ class SQLiteStore:
                 connection.close()
             self._connections.clear()
         self._local = threading.local()
+        self._replays.clear()
         if self._committer is not None:
             self._committer.stop()
             self._committer = None
@@ -389,16 +462,17 @@ class SQLiteStore:
     async def claim(
         self, scope: str, key: str, fingerprint: str, token: str, *, lease: float, retention: float
     ) -> ClaimResult:
-        return await self._submit(
-            running_loop(),
-            self._claim,
-            scope,
-            key,
-            fingerprint,
-            token,
-            lease,
-            retention,
+        if self._replays:  # a replay seen before: no hand-off to the store's thread
+            now = self._clock()
+            record = self._replays.live(scope, key, now)
+            if record is not None:
+                return Existing(record, now)
+        claimed: ClaimResult = await self._submit(
+            running_loop(), self._claim, scope, key, fingerprint, token, lease, retention
         )
+        if type(claimed) is Existing:
+            self._replays.keep(claimed.record)
+        return claimed
 
     async def complete(self, scope: str, key: str, token: str, response: StoredResponse) -> bool:
         blob = encode_response(response)
