@@ -7,9 +7,9 @@ races a simultaneous first insert of the same key runs once more).
 
 Concurrent claims in one process share a statement, and so do completions: while one
 is on the wire the others queue, then go out together as one statement over a JSON
-array (one pooled connection, one round trip), each caller keeping its own result. A lone request
-runs the one-record statement at once. Under load this cuts the driver's work (pool,
-cursor, adaptation, results) per request several times over.
+array (one pooled connection, one round trip), each caller keeping its own result. A
+lone request runs the one-record statement at once. Under load this cuts the driver's
+work (pool, cursor, adaptation, results) per request several times over.
 
 Waiters LISTEN on one connection per process. Completion and release NOTIFY only for
 records that a waiter has marked (`waiting`): a NOTIFY serialises committing

@@ -355,16 +355,19 @@ class SQLiteStore:
             return None
         return record_from_row(row)
 
+    def _kept_replay(self, scope: str, key: str) -> Existing | None:
+        """The completed record a claim found before, while it is live (`ReplayCache`)."""
+        now = self._clock()
+        record = self._replays.live(scope, key, now)
+        return Existing(record, now) if record is not None else None
+
     # sync twins -------------------------------------------------------------------
 
     def claim_sync(
         self, scope: str, key: str, fingerprint: str, token: str, *, lease: float, retention: float
     ) -> ClaimResult:
-        if self._replays:
-            now = self._clock()
-            record = self._replays.live(scope, key, now)
-            if record is not None:
-                return Existing(record, now)
+        if self._replays and (kept := self._kept_replay(scope, key)) is not None:
+            return kept
         claimed: ClaimResult = self._run(
             _in_transaction, self._claim, scope, key, fingerprint, token, lease, retention
         )
@@ -462,11 +465,9 @@ class SQLiteStore:
     async def claim(
         self, scope: str, key: str, fingerprint: str, token: str, *, lease: float, retention: float
     ) -> ClaimResult:
-        if self._replays:  # a replay seen before: no hand-off to the store's thread
-            now = self._clock()
-            record = self._replays.live(scope, key, now)
-            if record is not None:
-                return Existing(record, now)
+        # A replay seen before: no hand-off to the store's thread.
+        if self._replays and (kept := self._kept_replay(scope, key)) is not None:
+            return kept
         claimed: ClaimResult = await self._submit(
             running_loop(), self._claim, scope, key, fingerprint, token, lease, retention
         )
