@@ -22,8 +22,9 @@ from oncely.core.exchange import (
     admit,
     answer,
     failure_response,
-    fingerprint_of,
+    fingerprint_request,
     new_token,
+    replayed_fingerprints,
 )
 from oncely.core.policy import IdempotencyPolicy, PolicyOptions, RouteOptions
 from oncely.core.problems import Problem, RenderedResponse
@@ -76,6 +77,7 @@ class IdempotencyMiddleware:
         self._keeper: LeaseKeeper | None = None
         # A store whose sync twins never block (memory) is called without a coroutine.
         self._nonblocking: bool = getattr(store, "nonblocking_sync", False)
+        self._replayed = replayed_fingerprints(self.policy)
 
     def _lease_keeper(self) -> LeaseKeeper:
         """The keeper of the loop running this request: one per loop (tests run many)."""
@@ -140,8 +142,10 @@ class IdempotencyMiddleware:
             return
         if isinstance(body, Disconnected):
             return  # the client left before sending its request: nothing to do
-        fingerprint = fingerprint_of(
-            policy, guard, scope["method"], scope["path"], scope["query_string"], body
+        method, path, query = scope["method"], scope["path"], scope["query_string"]
+        replayed = self._replayed
+        fingerprint, fingerprinted = fingerprint_request(
+            policy, replayed, guard, method, path, query, body
         )
         observed = bool(policy.event_subscribers)
         claim_started = time.perf_counter() if observed else 0.0
@@ -177,6 +181,11 @@ class IdempotencyMiddleware:
             )  # fmt: skip
 
         if type(result) is not Claimed:
+            if outcome is Outcome.REPLAY and fingerprinted and replayed is not None:
+                replayed.keep(
+                    guard.key, guard.scope, method, path, query, guard.content_type, body,
+                    fingerprint,
+                )  # fmt: skip
             await send_rendered(send, answer(policy, guard.key, result, outcome))
             return
         # Run the handler under the claim (inline: one coroutine less per request).

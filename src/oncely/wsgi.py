@@ -40,9 +40,11 @@ from oncely.core.exchange import (
     admit,
     answer,
     failure_response,
-    fingerprint_of,
+    fingerprint_request,
     new_token,
+    replayed_fingerprints,
 )
+from oncely.core.fingerprint import ReplayedFingerprints
 from oncely.core.policy import IdempotencyPolicy, PolicyOptions, RouteOptions
 from oncely.core.problems import RenderedResponse
 from oncely.core.records import StoredResponse
@@ -90,6 +92,7 @@ class IdempotencyMiddleware:
         base = policy or IdempotencyPolicy()
         self.policy = base.replace(**options) if options else base
         self.routes = routes
+        self.replayed = replayed_fingerprints(self.policy)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         method: str = environ.get("REQUEST_METHOD", "GET")
@@ -137,8 +140,7 @@ class IdempotencyMiddleware:
             return send_rendered(start_response, rendered)
         replace_input(environ, body)
         query = environ.get("QUERY_STRING", "").encode("latin-1", "replace")
-        fingerprint = fingerprint_of(policy, guard, method, path, query, body)
-        checked = check_in(self.store, policy, guard, fingerprint, method)
+        checked = check_in(self.store, policy, self.replayed, guard, method, path, query, body)
         if checked is None:  # the store failed and the policy says fail open
             return self.app(environ, start_response)
         if isinstance(checked, RenderedResponse):
@@ -170,14 +172,27 @@ class IdempotencyMiddleware:
 
 
 def check_in(
-    store: SyncStore, policy: IdempotencyPolicy, guard: Guard, fingerprint: str, method: str
+    store: SyncStore,
+    policy: IdempotencyPolicy,
+    replayed: ReplayedFingerprints | None,
+    guard: Guard,
+    method: str,
+    path: str,
+    query: bytes,
+    body: bytes,
 ) -> Claimed | RenderedResponse | None:
-    """Claim (scope, key) and decide, before the handler (SPEC §3, §4).
+    """Fingerprint the request, claim (scope, key) and decide, before the handler (SPEC
+    §3, §4).
 
     Returns the claim (lease token, attempt, took over?) when the handler must run; the
     answer to send instead (a replay or a problem, including 503 when the store fails);
-    or None when the store failed and `fail_open` says run the handler unguarded.
+    or None when the store failed and `fail_open` says run the handler unguarded. A
+    replayed request's fingerprint is kept in `replayed`, so that the same request sent
+    again is not fingerprinted again.
     """
+    fingerprint, fingerprinted = fingerprint_request(
+        policy, replayed, guard, method, path, query, body
+    )
     started = time.perf_counter()
     try:
         _, result, outcome = claim_and_decide(store, policy, guard, fingerprint)
@@ -195,6 +210,10 @@ def check_in(
         )  # fmt: skip
     if isinstance(result, Claimed):  # EXECUTE or TAKE_OVER: the handler runs
         return result
+    if outcome is Outcome.REPLAY and fingerprinted and replayed is not None:
+        replayed.keep(
+            guard.key, guard.scope, method, path, query, guard.content_type, body, fingerprint
+        )
     return answer(policy, guard.key, result, outcome)
 
 

@@ -433,3 +433,26 @@ async def test_starlette_streaming_response_is_captured_whole() -> None:
     second = await call(middleware, path="/s", key="k")
     assert first.body == second.body == b"part0;part1;part2;"
     assert runs == 1
+
+
+async def test_a_request_replayed_again_is_not_fingerprinted_again(
+    fingerprinted: list[bytes],
+) -> None:
+    app = CountingApp()
+    middleware = guarded(app)
+    first = await call(middleware, key="k", body=b'{"amount": 5}')
+    replays = [await call(middleware, key="k", body=b'{"amount": 5}') for _ in range(3)]
+    assert app.executions == 1
+    assert [r.body for r in replays] == [first.body] * 3
+    assert all(r.headers["idempotent-replayed"] == "true" for r in replays)
+    assert fingerprinted == [b'{"amount": 5}'] * 2  # the first request and the first replay
+    # The same key with another body is still compared by its own fingerprint.
+    canonical_twin = await call(middleware, key="k", body=b'{ "amount":5 }')
+    mismatch = await call(middleware, key="k", body=b'{"amount": 6}')
+    on_another_path = await call(middleware, path="/refund", key="k", body=b'{"amount": 5}')
+    assert canonical_twin.status == 201
+    assert canonical_twin.body == first.body
+    assert mismatch.status == 422
+    assert on_another_path.status == 422
+    assert app.executions == 1
+    assert len(fingerprinted) == 5

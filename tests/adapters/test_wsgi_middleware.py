@@ -869,3 +869,21 @@ def test_django_streaming_client_abort_still_completes(
     replay = call(handler, path="/stream", key="a")
     assert replay.body == b"part0-1;part1-1;part2-1;part3-1;"
     assert DJANGO_RUNS == ["stream"]
+
+
+def test_a_request_replayed_again_is_not_fingerprinted_again(fingerprinted: list[bytes]) -> None:
+    app = CountingApp()
+    middleware = guarded(app)
+    first = call(middleware, key="k", body=b'{"amount": 5}')
+    replays = [call(middleware, key="k", body=b'{"amount": 5}') for _ in range(3)]
+    assert app.executions == 1
+    assert [r.body for r in replays] == [first.body] * 3
+    assert all(r.header("idempotent-replayed") == "true" for r in replays)
+    assert fingerprinted == [b'{"amount": 5}'] * 2  # the first request and the first replay
+    canonical_twin = call(middleware, key="k", body=b'{ "amount":5 }')
+    mismatch = call(middleware, key="k", body=b'{"amount": 6}')
+    assert canonical_twin.status == 201
+    assert canonical_twin.body == first.body
+    assert mismatch.status == 422
+    assert app.executions == 1
+    assert len(fingerprinted) == 4

@@ -13,8 +13,10 @@ from oncely.core import problems
 from oncely.core.decisions import ClaimResult, Existing, Outcome
 from oncely.core.fingerprint import (
     NO_FINGERPRINT,
+    ReplayedFingerprints,
     RequestFacts,
     default_fingerprint,
+    kept_fingerprint,
     request_fingerprint,
 )
 from oncely.core.keys import HEADER_LOWER, InvalidKey, parse_key
@@ -112,6 +114,29 @@ def fingerprint_of(
     if function is default_fingerprint:
         return request_fingerprint(method, path, query, guard.content_type, body)
     return function(RequestFacts(method, path, query, guard.content_type, body))
+
+
+def replayed_fingerprints(policy: IdempotencyPolicy) -> ReplayedFingerprints | None:
+    """Where an adapter keeps the fingerprints of replayed requests: only the default
+    fingerprint is known to be a function of the request alone."""
+    return ReplayedFingerprints() if policy.fingerprint is default_fingerprint else None
+
+
+def fingerprint_request(
+    policy: IdempotencyPolicy, replayed: ReplayedFingerprints | None, guard: Guard,
+    method: str, path: str, query: bytes, body: bytes,
+) -> tuple[str, bool]:  # fmt: skip
+    """The request's fingerprint, and True when it was computed here (False: it is a
+    replayed request's, kept in `replayed`)."""
+    if replayed is not None:
+        kept = replayed.by_key.get(guard.key)
+        if kept is not None:
+            found = kept_fingerprint(
+                kept, guard.scope, method, path, query, guard.content_type, body
+            )
+            if found is not None:
+                return found, False
+    return fingerprint_of(policy, guard, method, path, query, body), True
 
 
 def _token_prefix() -> str:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import json.encoder
 import json.scanner
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -117,3 +118,78 @@ def request_fingerprint(
     digest = _EMPTY_DIGEST.copy()  # cheaper than a new blake2b(digest_size=16)
     digest.update(b"".join((line, query, b"\n", body)))
     return digest.hexdigest()
+
+
+REPLAYED_KEPT = 4096  # requests whose fingerprints are kept after a replay
+REPLAYED_BYTES_KEPT = 4 * 1024 * 1024  # and at most this many bytes of their bodies
+
+# (scope, body, path, method, query, content type, fingerprint), by key
+ReplayedRequest = tuple[str, bytes, str, str, bytes, "str | None", str]
+
+
+class ReplayedFingerprints:
+    """The default fingerprints of requests that were replayed, by key, so that a client
+    sending one request again and again (a retry loop, the storm after an outage) is not
+    canonicalised and hashed again each time.
+
+    A fingerprint is a function of method, path, query, content type and body, so a kept
+    one is right for as long as these (and the scope) equal the kept ones; any other
+    request is fingerprinted as usual. Only replays fill it, so a fresh request pays one
+    dict miss: adapters look up `by_key` themselves and call `kept_fingerprint` on a hit.
+    Oldest first out, within a count and a byte budget.
+    """
+
+    __slots__ = ("_lock", "_size", "by_key")
+
+    def __init__(self) -> None:
+        self.by_key: dict[str, ReplayedRequest] = {}
+        self._size = 0
+        self._lock = threading.Lock()  # WSGI threads may share one
+
+    def __len__(self) -> int:
+        return len(self.by_key)
+
+    def keep(
+        self, key: str, scope: str, method: str, path: str, query: bytes,
+        content_type: str | None, body: bytes, fingerprint: str,
+    ) -> None:  # fmt: skip
+        size = _kept_size(key, body, path, query)
+        if size > REPLAYED_BYTES_KEPT // 64:  # one large body must not empty it
+            return
+        with self._lock:
+            kept = self.by_key
+            old = kept.pop(key, None)  # another tenant's request with this key
+            if old is not None:
+                self._size -= _kept_size(key, old[1], old[2], old[4])
+            while kept and (len(kept) >= REPLAYED_KEPT or self._size + size > REPLAYED_BYTES_KEPT):
+                old_key = next(iter(kept))
+                old = kept.pop(old_key)
+                self._size -= _kept_size(old_key, old[1], old[2], old[4])
+            kept[key] = (scope, body, path, method, query, content_type, fingerprint)
+            self._size += size
+
+    def clear(self) -> None:
+        with self._lock:
+            self.by_key.clear()
+            self._size = 0
+
+
+def kept_fingerprint(
+    kept: ReplayedRequest, scope: str, method: str, path: str, query: bytes,
+    content_type: str | None, body: bytes,
+) -> str | None:  # fmt: skip
+    """The kept fingerprint if this request is the kept one, else None."""
+    if (
+        kept[1] == body
+        and kept[0] == scope
+        and kept[2] == path
+        and kept[3] == method
+        and kept[4] == query
+        and kept[5] == content_type
+    ):
+        return kept[6]
+    return None
+
+
+def _kept_size(key: str, body: bytes, path: str, query: bytes) -> int:
+    return len(key) + len(body) + len(path) + len(query)

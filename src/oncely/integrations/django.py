@@ -64,7 +64,7 @@ from oncely.context import (
 )
 from oncely.core import problems
 from oncely.core.decisions import Claimed
-from oncely.core.exchange import Guard, PassThrough, Reject, admit, fingerprint_of
+from oncely.core.exchange import Guard, PassThrough, Reject, admit, replayed_fingerprints
 from oncely.core.policy import RouteOptions
 from oncely.core.problems import RenderedResponse
 from oncely.core.records import StoredResponse
@@ -104,6 +104,7 @@ class IdempotencyMiddleware:
         self.get_response = get_response
         self.store = build_store(config["STORE"], config.get("STORE_OPTIONS"))
         self.policy = build_policy(config.get("POLICY"), preset=config.get("PRESET"))
+        self.replayed = replayed_fingerprints(self.policy)
 
     def __call__(self, request: HttpRequest) -> HttpResponseBase:
         method = request.method or "GET"
@@ -174,8 +175,7 @@ class IdempotencyMiddleware:
             reject_event(policy, self.store, method, 413)
             return to_django(problems.render(problems.body_too_large(policy), policy, guard.key))
         query = request.META.get("QUERY_STRING", "").encode("latin-1", "replace")
-        fingerprint = fingerprint_of(policy, guard, method, path, query, body)
-        checked = check_in(self.store, policy, guard, fingerprint, method)
+        checked = check_in(self.store, policy, self.replayed, guard, method, path, query, body)
         if checked is None:  # the store failed and the policy says fail open
             return self.get_response(request)
         if isinstance(checked, RenderedResponse):
