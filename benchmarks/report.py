@@ -126,7 +126,8 @@ def write(out: Path, results: dict[str, Any]) -> None:
         f"Date {m.get('date')}; {m.get('cores')} cores ({m.get('cpu')}), "
         f"{m.get('memory_gib')} GiB; "
         f"Python {m.get('python')}. Slices of {s.get('duration')} s, {s.get('rounds')} interleaved "
-        f"rounds, {s.get('connections')} connections, {s.get('keys', 'counter')} keys; "
+        f"rounds, {s.get('connections')} connections, {s.get('keys', 'counter')} keys, "
+        f"garbage collector {s.get('gc', 'default')}; "
         f"wall time {s.get('wall_seconds')} s.",
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()),

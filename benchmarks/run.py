@@ -271,6 +271,7 @@ def start_server(
         "BENCH_PRELOAD": str(preload_count if variant.store == "memory" else 0),
         "PYTHONPATH": str(ROOT),
         "BENCH_ONCELY_PATCH": variant.patch,
+        "BENCH_GC": ctx.args.gc,
     }
     if variant.framework == "flask":
         argv = [
@@ -845,6 +846,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--keys", choices=("uuid", "counter"), default="uuid",
         help="Idempotency-Key shape: random UUIDs (what clients send) or a counter",
     )  # fmt: skip
+    parser.add_argument(
+        "--gc", choices=("default", "tuned"), default="default",
+        help="every server's garbage collector: Python's defaults, or tuned as "
+        "docs/benchmarks.md advises (gc.freeze() after start-up, a gen-0 threshold of 10,000)",
+    )  # fmt: skip
     parser.add_argument("--out", default="benchmarks/results", help="results folder")
     parser.add_argument(
         "--patch", default="",
@@ -953,7 +959,7 @@ def main(argv: list[str] | None = None) -> int:
             "duration": args.duration, "rounds": args.rounds, "connections": args.connections,
             "replay_keys": args.replay_keys, "dup_rounds": args.dup_rounds,
             "scale": args.scale, "workers": args.workers, "quick": args.quick,
-            "keys": args.keys, "wall_seconds": round(time.monotonic() - started),
+            "keys": args.keys, "gc": args.gc, "wall_seconds": round(time.monotonic() - started),
         }  # fmt: skip
         ctx.results["notes"] = ctx.notes
         (out / "results.json").write_text(json.dumps(ctx.results, indent=1, default=str))

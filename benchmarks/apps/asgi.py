@@ -7,6 +7,7 @@
     BENCH_STORE_URL  the store's URL or file path
     BENCH_NAMESPACE  a key prefix / table name of this variant's own
     BENCH_PRELOAD    live records to put in a memory store before serving (scale runs)
+    BENCH_GC         default | tuned (`tune_gc`: what docs/benchmarks.md advises servers)
 
 Served by `uvicorn --factory benchmarks.apps.asgi:create_app`. `POST /payments` is the
 handler; it counts its executions, and `GET /__bench/count` reports the count (a GET,
@@ -217,6 +218,18 @@ def apply_patch() -> None:
         runpy.run_path(path, run_name="oncely_patch")
 
 
+def tune_gc() -> None:
+    """BENCH_GC=tuned: what start-up made moved out of the collector's reach, and gen-0
+    collections ten times rarer (run.py --gc tuned; "The garbage collector" in
+    docs/benchmarks.md). Every variant of a run gets the same setting."""
+    if os.environ.get("BENCH_GC", "default") == "tuned":
+        import gc
+
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(10_000, 10, 10)
+
+
 def create_app() -> Any:
     apply_patch()
     framework = os.environ.get("BENCH_FRAMEWORK", "fastapi")
@@ -231,4 +244,5 @@ def create_app() -> Any:
         os.environ.get("BENCH_STORE_URL", ""),
         os.environ.get("BENCH_NAMESPACE", "oncely_bench"),
     )
+    tune_gc()
     return app

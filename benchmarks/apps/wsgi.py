@@ -45,4 +45,7 @@ def create_app() -> Any:
         )
         memory_store(store, int(os.environ.get("BENCH_PRELOAD", "0")))
         app.wsgi_app = IdempotencyMiddleware(app.wsgi_app, store=store)  # type: ignore[method-assign]
+    from benchmarks.apps.asgi import tune_gc
+
+    tune_gc()
     return app
