@@ -135,8 +135,8 @@ class ReplayedFingerprints:
     A fingerprint is a function of method, path, query, content type and body, so a kept
     one is right for as long as these (and the scope) equal the kept ones; any other
     request is fingerprinted as usual. Only replays fill it, so a fresh request pays one
-    dict miss: adapters look up `by_key` themselves and call `kept_fingerprint` on a hit.
-    Oldest first out, within a count and a byte budget.
+    dict miss (`oncely.core.exchange.fingerprint_request` looks it up). Oldest first
+    out, within a count and a byte budget.
     """
 
     __slots__ = ("_lock", "_size", "by_key")
