@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
+import gc
 import json
 import logging
 import os
@@ -252,7 +253,19 @@ def demo(
         fail(str(error), EXIT_USAGE)
     print_banner(app.state.demo, f"http://{host}:{port}")
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level)
+    tune_gc_for_serving()
     uvicorn.Server(config).run()
+
+
+def tune_gc_for_serving() -> None:
+    """What the README advises a server in production: the objects of start-up out of
+    the collector's reach, and gen-0 collections ten times rarer. Requests that wait on
+    their store keep their objects alive meanwhile, which makes the default collector
+    run every dozen requests and walk everything now and then (docs/benchmarks.md, "The
+    garbage collector")."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
 
 
 def print_banner(demo: Demo, base: str) -> None:
