@@ -6,10 +6,11 @@ import hashlib
 import json
 import json.encoder
 import json.scanner
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from oncely.core.cache import BoundedCache
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +128,7 @@ REPLAYED_BYTES_KEPT = 4 * 1024 * 1024  # and at most this many bytes of their bo
 ReplayedRequest = tuple[str, bytes, str, str, bytes, "str | None", str]
 
 
-class ReplayedFingerprints:
+class ReplayedFingerprints(BoundedCache[str, ReplayedRequest]):
     """The default fingerprints of requests that were replayed, by key, so that a client
     sending one request again and again (a retry loop, the storm after an outage) is not
     canonicalised and hashed again each time.
@@ -139,39 +140,21 @@ class ReplayedFingerprints:
     out, within a count and a byte budget.
     """
 
-    __slots__ = ("_lock", "_size", "by_key")
+    __slots__ = ()
 
     def __init__(self) -> None:
-        self.by_key: dict[str, ReplayedRequest] = {}
-        self._size = 0
-        self._lock = threading.Lock()  # WSGI threads may share one
-
-    def __len__(self) -> int:
-        return len(self.by_key)
+        super().__init__(REPLAYED_KEPT, REPLAYED_BYTES_KEPT)
 
     def keep(
         self, key: str, scope: str, method: str, path: str, query: bytes,
         content_type: str | None, body: bytes, fingerprint: str,
     ) -> None:  # fmt: skip
-        size = _kept_size(key, body, path, query)
-        if size > REPLAYED_BYTES_KEPT // 64:  # one large body must not empty it
-            return
-        with self._lock:
-            kept = self.by_key
-            old = kept.pop(key, None)  # another tenant's request with this key
-            if old is not None:
-                self._size -= _kept_size(key, old[1], old[2], old[4])
-            while kept and (len(kept) >= REPLAYED_KEPT or self._size + size > REPLAYED_BYTES_KEPT):
-                old_key = next(iter(kept))
-                old = kept.pop(old_key)
-                self._size -= _kept_size(old_key, old[1], old[2], old[4])
-            kept[key] = (scope, body, path, method, query, content_type, fingerprint)
-            self._size += size
-
-    def clear(self) -> None:
-        with self._lock:
-            self.by_key.clear()
-            self._size = 0
+        """Replaces another tenant's request with this key, if one is kept."""
+        self.put(
+            key,
+            (scope, body, path, method, query, content_type, fingerprint),
+            len(key) + len(body) + len(path) + len(query),
+        )
 
 
 def kept_fingerprint(
@@ -189,7 +172,3 @@ def kept_fingerprint(
     ):
         return kept[6]
     return None
-
-
-def _kept_size(key: str, body: bytes, path: str, query: bytes) -> int:
-    return len(key) + len(body) + len(path) + len(query)

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from oncely.core.cache import BoundedCache
 from oncely.core.decisions import Claimed, ClaimResult, ClaimTransition, Existing, claim_transition
 from oncely.core.records import (
     Record,
@@ -119,7 +120,7 @@ REPLAYS_KEPT = 4096  # completed records kept in the process for repeated replay
 REPLAY_BYTES_KEPT = 16 * 1024 * 1024  # and at most this many bytes of their responses
 
 
-class ReplayCache:
+class ReplayCache(BoundedCache[tuple[str, str], Record]):
     """Completed records that a claim found, kept in this process, so that the next
     claim of the same key is answered without a hand-off to the store's thread.
 
@@ -130,50 +131,28 @@ class ReplayCache:
     and a byte budget; only replays fill it, so fresh requests never pay for it.
     """
 
-    __slots__ = ("_lock", "_records", "_size")
+    __slots__ = ()
 
     def __init__(self) -> None:
-        self._records: dict[tuple[str, str], tuple[Record, int]] = {}
-        self._size = 0
-        self._lock = threading.Lock()  # WSGI threads and the event loop share a store
-
-    def __len__(self) -> int:
-        return len(self._records)
+        super().__init__(REPLAYS_KEPT, REPLAY_BYTES_KEPT)
 
     def live(self, scope: str, key: str, now: float) -> Record | None:
-        kept = self._records.get((scope, key))
-        if kept is None:
+        record = self.by_key.get((scope, key))
+        if record is None:
             return None
-        if kept[0].expires_at > now:
-            return kept[0]
-        with self._lock:  # expired: the key may be claimed again
-            if self._records.get((scope, key)) is kept:
-                del self._records[(scope, key)]
-                self._size -= kept[1]
+        if record.expires_at > now:
+            return record
+        self.drop((scope, key), record)  # expired: the key may be claimed again
         return None
 
     def keep(self, record: Record) -> None:
         response = record.response
         if record.state is not RecordState.COMPLETED or response is None:
             return
-        size = len(response.body) + sum(len(name) + len(value) for name, value in response.headers)
-        if size > REPLAY_BYTES_KEPT // 64:  # one large response must not empty the cache
+        if (record.scope, record.key) in self.by_key:
             return
-        with self._lock:
-            records = self._records
-            if (record.scope, record.key) in records:
-                return
-            while records and (
-                len(records) >= REPLAYS_KEPT or self._size + size > REPLAY_BYTES_KEPT
-            ):
-                self._size -= records.pop(next(iter(records)))[1]
-            records[(record.scope, record.key)] = (record, size)
-            self._size += size
-
-    def clear(self) -> None:
-        with self._lock:
-            self._records.clear()
-            self._size = 0
+        size = len(response.body) + sum(len(name) + len(value) for name, value in response.headers)
+        self.put((record.scope, record.key), record, size)
 
 
 _STATES = {state.value: state for state in RecordState}
@@ -366,7 +345,7 @@ class SQLiteStore:
     def claim_sync(
         self, scope: str, key: str, fingerprint: str, token: str, *, lease: float, retention: float
     ) -> ClaimResult:
-        if self._replays and (kept := self._kept_replay(scope, key)) is not None:
+        if self._replays.by_key and (kept := self._kept_replay(scope, key)) is not None:
             return kept
         claimed: ClaimResult = self._run(
             _in_transaction, self._claim, scope, key, fingerprint, token, lease, retention
@@ -466,7 +445,7 @@ class SQLiteStore:
         self, scope: str, key: str, fingerprint: str, token: str, *, lease: float, retention: float
     ) -> ClaimResult:
         # A replay seen before: no hand-off to the store's thread.
-        if self._replays and (kept := self._kept_replay(scope, key)) is not None:
+        if self._replays.by_key and (kept := self._kept_replay(scope, key)) is not None:
             return kept
         claimed: ClaimResult = await self._submit(
             running_loop(), self._claim, scope, key, fingerprint, token, lease, retention
