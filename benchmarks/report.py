@@ -84,7 +84,7 @@ def targets(main: dict[str, Any]) -> tuple[list[str], list[str]]:
         peers = [
             e for e in rows.values()
             if e["library"] in ("aih", "idemkit") and e["family"] == family
-            and e.get("ratio") is not None
+            and e["framework"] == "fastapi" and e.get("ratio") is not None
         ]  # fmt: skip
         best = max(peers, key=lambda e: e["rps"] or 0, default=None)
         vs_peer = ours[0]["rps"] / best["rps"] if best and best["rps"] else None
