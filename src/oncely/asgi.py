@@ -198,15 +198,23 @@ class IdempotencyMiddleware:
         try:
             await self.app(app_scope, exchange.receive, exchange.send)
         except Exception:
-            if not exchange.settled:
+            if exchange.finishing is not None:
+                await exchange.finishing  # the response the app finished still goes out
+            elif not exchange.settled:
                 failure = failure_response(policy)
                 await exchange.settle(failure if policy.on_exception == "store" else None)
                 if exchange.status is None:
                     await send_stored(send, failure)
             raise
+        except BaseException:
+            if exchange.finishing is not None:
+                exchange.finishing.cancel()  # cancelled: nothing may be sent after we return
+            raise
         finally:
             exchange.stop_renewing()
-        if not exchange.settled:
+        if exchange.finishing is not None:
+            await exchange.finishing
+        elif not exchange.settled:
             # The app returned without finishing its response: keep what it sent, if
             # anything; otherwise the server answers 500 and the key is released.
             await exchange.settle(exchange.response_to_store())
@@ -283,11 +291,18 @@ class IdempotencyMiddleware:
 class _Exchange(ResponseCapture):
     """One guarded request whose handler runs: it hands the app the buffered body
     (`receive`), captures the response (a `ResponseCapture` itself), and completes the
-    record before the last byte leaves."""
+    record before the last byte leaves.
+
+    With a store that waits, the last body message is held back: `finishing` completes
+    the record and then sends it, while the app's own `send` returns at once. The app's
+    stack (everything the framework made for the request) unwinds and is freed during
+    the store's round trip instead of staying alive through it, and the app's work after
+    its response (background tasks) does not delay the response.
+    """
 
     __slots__ = (
-        "context", "guard", "holding", "keeper", "middleware", "observed", "receive",
-        "scope", "send_on", "settled", "started_at",
+        "context", "finishing", "guard", "holding", "keeper", "middleware", "observed",
+        "receive", "scope", "send_on", "settled", "started_at",
     )  # fmt: skip
 
     def __init__(
@@ -306,6 +321,7 @@ class _Exchange(ResponseCapture):
         self.receive = replaying_receive(request_body, receive)  # what the app reads
         self.send_on = send
         self.settled = False
+        self.finishing: asyncio.Task[None] | None = None
         self.observed = bool(policy.event_subscribers)
         self.started_at = time.perf_counter() if self.observed else 0.0
         self.keeper = middleware._lease_keeper()
@@ -318,16 +334,28 @@ class _Exchange(ResponseCapture):
             self.keeper.drop(self)
 
     async def send(self, message: Message) -> None:
+        if self.finishing is not None:
+            await self.finishing  # what follows the last body (trailers) goes after it
         kind = message["type"]
         if kind == "http.response.body":
             chunk = message.get("body", b"")
             if chunk:
                 self.body(chunk)
             if not message.get("more_body", False) and not self.settled:
+                if not self.middleware._nonblocking:
+                    self.settled = True
+                    self.finishing = self.keeper.loop.create_task(
+                        self._finish(self.response_to_store(), message)
+                    )
+                    return
                 await self.settle(self.response_to_store())
         elif kind == "http.response.start":
             self.start(message["status"], message.get("headers", ()))
         await self.send_on(message)
+
+    async def _finish(self, response: StoredResponse | None, last: Message) -> None:
+        await self.settle(response)
+        await self.send_on(last)
 
     async def settle(self, response: StoredResponse | None) -> None:
         """Complete (or release, when `response` is None) before the last byte leaves."""

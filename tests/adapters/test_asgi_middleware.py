@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from oncely import IdempotencyMiddleware, exempt, idempotent
-from oncely.core.records import RecordState
+from oncely.core.records import RecordState, StoredResponse
 from oncely.stores import MemoryStore, StoreError
 from oncely.stores.base import AsyncStore
 from tests.adapters.harness import Message, call
@@ -456,3 +457,152 @@ async def test_a_request_replayed_again_is_not_fingerprinted_again(
     assert on_another_path.status == 422
     assert app.executions == 1
     assert len(fingerprinted) == 5
+
+
+class WaitingStore(MemoryStore):
+    """The memory store with a completion that suspends, as a networked store's does:
+    the adapter cannot complete it inline. `completing` runs inside each completion."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.completing: list[Callable[[], None]] = []
+        self.answering = asyncio.Event()  # cleared: completions wait until it is set
+        self.answering.set()
+
+    async def complete(self, scope: str, key: str, token: str, response: StoredResponse) -> bool:
+        await asyncio.sleep(0)
+        for hook in self.completing:
+            hook()
+        await self.answering.wait()
+        return self.complete_sync(scope, key, token, response)
+
+
+def post_scope(path: str = "/s", key: bytes = b"k") -> Message:
+    return {
+        "type": "http", "method": "POST", "path": path, "query_string": b"",
+        "headers": [(b"idempotency-key", key)],
+    }  # fmt: skip
+
+
+async def empty_request() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def test_with_a_store_that_waits_the_record_is_complete_before_the_last_byte() -> None:
+    store = WaitingStore()
+    states: list[RecordState | None] = []
+
+    async def streaming(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        await send({"type": "http.response.body", "body": b"b"})
+
+    async def observing_send(message: Message) -> None:
+        record = store.get_sync("anonymous", "k")
+        states.append(record.state if record else None)
+
+    middleware = guarded(streaming, store)
+    await middleware(post_scope(), empty_request, observing_send)
+    assert states == [RecordState.IN_FLIGHT, RecordState.IN_FLIGHT, RecordState.COMPLETED]
+    replay = await call(middleware, path="/s", key="k", body=b"")
+    assert (replay.status, replay.body) == (200, b"ab")
+
+
+async def test_the_apps_request_objects_are_freed_before_the_completion_waits() -> None:
+    class Handled:
+        """Stands for what a framework makes for a request and keeps on its stack."""
+
+    made: list[weakref.ref[Handled]] = []
+    alive_at_completion: list[bool] = []
+    store = WaitingStore()
+    store.completing.append(lambda: alive_at_completion.append(made[0]() is not None))
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        handled = Handled()
+        made.append(weakref.ref(handled))
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+        assert handled is not None
+
+    exchange = await call(guarded(app, store), key="k")
+    assert (exchange.status, exchange.body) == (201, b"done")
+    assert alive_at_completion == [False]
+
+
+async def test_work_after_the_response_does_not_hold_the_response_back() -> None:
+    store = WaitingStore()
+    delivered = asyncio.Event()
+    after_work: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        response = JSONResponse({"ok": True}, status_code=201)
+        await response(scope, receive, send)
+        await delivered.wait()  # a background task that needs the response gone first
+        after_work.append("ran")
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            assert store.get_sync("anonymous", "k").state is RecordState.COMPLETED  # type: ignore[union-attr]
+            delivered.set()
+
+    await asyncio.wait_for(guarded(app, store)(post_scope(), empty_request, send), timeout=5)
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert after_work == ["ran"]
+
+
+async def test_an_exception_after_the_last_body_keeps_the_response_it_followed() -> None:
+    store = WaitingStore()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"paid"})
+        raise RuntimeError("after the response")
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    middleware = guarded(app, store)
+    with pytest.raises(RuntimeError):
+        await middleware(post_scope("/pay"), empty_request, send)
+    assert [m.get("body") for m in sent] == [None, b"paid"]
+    replay = await call(middleware, key="k", body=b"")
+    assert (replay.status, replay.body) == (201, b"paid")
+    assert replay.headers["idempotent-replayed"] == "true"
+
+
+async def test_a_cancelled_request_sends_nothing_after_it_returns() -> None:
+    store = WaitingStore()
+    store.answering.clear()  # the completion does not answer yet
+    completing = asyncio.Event()
+    store.completing.append(completing.set)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"paid"})
+        await asyncio.sleep(30)  # still working when the server cancels the request
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    request = asyncio.create_task(guarded(app, store)(post_scope(), empty_request, send))
+    await asyncio.wait_for(completing.wait(), timeout=5)
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    store.answering.set()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert [m["type"] for m in sent] == ["http.response.start"]
+    assert store.get_sync("anonymous", "k").state is RecordState.IN_FLIGHT  # type: ignore[union-attr]
