@@ -57,6 +57,35 @@ def guarded(app: Any, store: AsyncStore | None = None, **options: Any) -> Idempo
     return IdempotencyMiddleware(app, store=store or MemoryStore(), **options)
 
 
+class WaitingStore(MemoryStore):
+    """The memory store with a completion that suspends, as a networked store's does:
+    the adapter cannot complete it inline. `completing` runs inside each completion."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.completing: list[Callable[[], None]] = []
+        self.answering = asyncio.Event()  # cleared: completions wait until it is set
+        self.answering.set()
+
+    async def complete(self, scope: str, key: str, token: str, response: StoredResponse) -> bool:
+        await asyncio.sleep(0)
+        for hook in self.completing:
+            hook()
+        await self.answering.wait()
+        return self.complete_sync(scope, key, token, response)
+
+
+def post_scope(path: str = "/s", key: bytes = b"k") -> Message:
+    return {
+        "type": "http", "method": "POST", "path": path, "query_string": b"",
+        "headers": [(b"idempotency-key", key)],
+    }  # fmt: skip
+
+
+async def empty_request() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
 async def test_first_request_runs_and_the_retry_is_replayed_byte_for_byte() -> None:
     app = CountingApp()
     middleware = guarded(app)
@@ -207,8 +236,11 @@ async def test_body_is_buffered_whole_and_later_receives_reach_the_real_channel(
     assert exchange.body == b"http.disconnect"
 
 
-async def test_record_is_complete_before_the_last_byte_is_sent() -> None:
-    store = MemoryStore()
+@pytest.mark.parametrize("make_store", [MemoryStore, WaitingStore], ids=["inline", "waits"])
+async def test_record_is_complete_before_the_last_byte_is_sent(
+    make_store: Callable[[], MemoryStore],
+) -> None:
+    store = make_store()
     states: list[RecordState | None] = []
 
     async def streaming(scope: Any, receive: Any, send: Any) -> None:
@@ -224,14 +256,7 @@ async def test_record_is_complete_before_the_last_byte_is_sent() -> None:
         record = await store.get("anonymous", "k")
         states.append(record.state if record else None)
 
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    scope = {
-        "type": "http", "method": "POST", "path": "/s", "query_string": b"",
-        "headers": [(b"idempotency-key", b"k")],
-    }  # fmt: skip
-    await middleware(scope, receive, observing_send)
+    await middleware(post_scope(), empty_request, observing_send)
     in_flight, completed = RecordState.IN_FLIGHT, RecordState.COMPLETED
     assert states == [in_flight, in_flight, in_flight, completed]
     replay = await call(middleware, path="/s", key="k", body=b"")
@@ -295,15 +320,8 @@ async def test_exception_answer_is_sent_when_nothing_was_sent_yet() -> None:
     async def send(message: Message) -> None:
         sent.append(message)
 
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b""}
-
-    scope = {
-        "type": "http", "method": "POST", "path": "/", "query_string": b"",
-        "headers": [(b"idempotency-key", b"k")],
-    }  # fmt: skip
     with pytest.raises(RuntimeError):
-        await guarded(broken)(scope, receive, send)
+        await guarded(broken)(post_scope("/"), empty_request, send)
     assert sent[0]["status"] == 500
 
 
@@ -457,56 +475,6 @@ async def test_a_request_replayed_again_is_not_fingerprinted_again(
     assert on_another_path.status == 422
     assert app.executions == 1
     assert len(fingerprinted) == 5
-
-
-class WaitingStore(MemoryStore):
-    """The memory store with a completion that suspends, as a networked store's does:
-    the adapter cannot complete it inline. `completing` runs inside each completion."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.completing: list[Callable[[], None]] = []
-        self.answering = asyncio.Event()  # cleared: completions wait until it is set
-        self.answering.set()
-
-    async def complete(self, scope: str, key: str, token: str, response: StoredResponse) -> bool:
-        await asyncio.sleep(0)
-        for hook in self.completing:
-            hook()
-        await self.answering.wait()
-        return self.complete_sync(scope, key, token, response)
-
-
-def post_scope(path: str = "/s", key: bytes = b"k") -> Message:
-    return {
-        "type": "http", "method": "POST", "path": path, "query_string": b"",
-        "headers": [(b"idempotency-key", key)],
-    }  # fmt: skip
-
-
-async def empty_request() -> Message:
-    return {"type": "http.request", "body": b"", "more_body": False}
-
-
-async def test_with_a_store_that_waits_the_record_is_complete_before_the_last_byte() -> None:
-    store = WaitingStore()
-    states: list[RecordState | None] = []
-
-    async def streaming(scope: Any, receive: Any, send: Any) -> None:
-        await receive()
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"a", "more_body": True})
-        await send({"type": "http.response.body", "body": b"b"})
-
-    async def observing_send(message: Message) -> None:
-        record = store.get_sync("anonymous", "k")
-        states.append(record.state if record else None)
-
-    middleware = guarded(streaming, store)
-    await middleware(post_scope(), empty_request, observing_send)
-    assert states == [RecordState.IN_FLIGHT, RecordState.IN_FLIGHT, RecordState.COMPLETED]
-    replay = await call(middleware, path="/s", key="k", body=b"")
-    assert (replay.status, replay.body) == (200, b"ab")
 
 
 async def test_the_apps_request_objects_are_freed_before_the_completion_waits() -> None:
